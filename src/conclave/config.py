@@ -155,6 +155,11 @@ def _default_cache_dir() -> Path:
     return Path(base) / "conclave"
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 class LocalSettings(BaseModel):
     """The tier-0 runtime: a llama.cpp server Conclave manages, or one the user already runs."""
 
@@ -175,6 +180,11 @@ class LocalSettings(BaseModel):
     endpoint_type: Literal["openai", "ollama"] = "openai"
     endpoint_model: str | None = None
     endpoint_kind: Literal["chat", "base"] = "chat"
+    #: build llama-server from this llama.cpp source tree instead of the PyPI sdist
+    #: (``CONCLAVE_LLAMA_SOURCE``, or ``CONCLAVE_LOCAL__LLAMA_SOURCE``)
+    llama_source: Path | None = Field(
+        default_factory=lambda: _env_path("CONCLAVE_LLAMA_SOURCE")
+    )
 
 
 class RoutingSettings(BaseModel):
@@ -279,7 +289,21 @@ class Settings(BaseSettings):
 
     @cached_property
     def catalog(self) -> Catalog:
-        return Catalog.load(self.catalog_file)
+        catalog = Catalog.load(self.catalog_file)
+        if self.local.endpoint:
+            # The user's own local server takes tier 0 instead of the managed one.
+            spec = ProviderSpec(
+                name="local-endpoint", type=self.local.endpoint_type,
+                base_url=self.local.endpoint, local=True,
+            )
+            catalog.providers[spec.name] = spec
+            catalog.models["local/endpoint"] = ModelSpec(
+                name="local/endpoint", provider=spec.name,
+                id=self.local.endpoint_model or "default", tier=0,
+                kind=self.local.endpoint_kind, priority=0, local=True,
+                price=Price(input=Decimal(0), output=Decimal(0)),
+            )
+        return catalog
 
     def secret(self, env_name: str | None) -> str | None:
         """The value of a provider key by its environment name, or None."""
