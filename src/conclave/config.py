@@ -201,6 +201,49 @@ class RoutingSettings(BaseModel):
     connect_timeout: float = 10.0
 
 
+class AccountingSettings(BaseModel):
+    """Ledger, budgets and rate limits (``CONCLAVE_ACCOUNTING__*``).
+
+    The embedded default needs nothing: SQLite files under ``data_dir`` and an
+    in-process rate limiter.  Scale-out: ``ledger_url=postgresql://...`` and
+    ``budget_backend=redis`` (rate limits follow the budget backend unless set).
+    """
+
+    #: ``sqlite:///path/ledger.db`` or ``postgresql://user@host/db``; None means
+    #: ``sqlite:///<data_dir>/accounting/ledger.db``
+    ledger_url: str | None = None
+    #: PostgreSQL schema that holds the ledger tables (created if missing)
+    ledger_schema: str = "conclave"
+    #: the batching writer flushes this often, or as soon as ``ledger_batch_size`` records wait
+    ledger_flush_interval_ms: int = Field(50, ge=1)
+    ledger_batch_size: int = Field(500, ge=1)
+    #: monthly PostgreSQL partitions created ahead of the current month
+    ledger_partitions_ahead: int = Field(3, ge=0)
+    #: records that could not be written at shutdown are saved here and replayed on open;
+    #: None means ``<data_dir>/accounting/ledger-spill``
+    ledger_spill_dir: Path | None = None
+    #: PostgreSQL connection pool size
+    ledger_pool_min: int = Field(1, ge=0)
+    ledger_pool_max: int = Field(10, ge=1)
+    budget_backend: Literal["sqlite", "redis"] = "sqlite"
+    #: None means ``<data_dir>/accounting/budgets.db``
+    budget_path: Path | None = None
+    #: None follows ``budget_backend`` (sqlite -> memory, redis -> redis)
+    ratelimit_backend: Literal["memory", "redis"] | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: every Redis key starts with this; keep a ``{hash tag}`` in it for Redis Cluster
+    redis_prefix: str = "{conclave}:"
+    #: a reservation not settled or released within this many seconds stops counting
+    reservation_ttl_s: float = Field(600.0, gt=0)
+    #: percent thresholds at which a budget alert fires (once per budget, period, threshold)
+    alert_thresholds: list[int] = Field(default_factory=lambda: [80, 100])
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    #: rate limit window; "per minute" limits use 60
+    ratelimit_window_s: float = Field(60.0, gt=0)
+    #: how long a Redis/PostgreSQL operation may wait before failing closed with a 503
+    backend_timeout_s: float = Field(2.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONCLAVE_",
@@ -222,6 +265,7 @@ class Settings(BaseSettings):
 
     local: LocalSettings = Field(default_factory=LocalSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    accounting: AccountingSettings = Field(default_factory=AccountingSettings)
 
     # Provider credentials and endpoints, under the names the providers document.
     openai_api_key: SecretStr | None = Field(

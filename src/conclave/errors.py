@@ -160,3 +160,87 @@ class NotBuiltYet(ConclaveError):
 
     code = "not_built_yet"
     http_status = 501
+
+
+# --- accounting -----------------------------------------------------------------------
+
+
+class BudgetExceeded(ConclaveError):
+    """A reservation would take a budget over its limit.
+
+    HTTP 402 (Payment Required), not 429: the refusal does not clear by
+    retrying in a moment, it clears when someone raises the limit or the
+    period rolls over.  The official SDKs retry 429 automatically (openai
+    and anthropic retry 408/409/429/5xx), which would only hammer a budget
+    that is spent; 402 is not retried and tells the caller it is about money.
+    """
+
+    code = "budget_exceeded"
+    http_status = 402
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget_id: str,
+        limit_micros: int,
+        spent_micros: int,
+        reserved_micros: int,
+        requested_micros: int,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.budget_id = budget_id
+        self.limit_micros = limit_micros
+        self.spent_micros = spent_micros
+        self.reserved_micros = reserved_micros
+        self.requested_micros = requested_micros
+
+
+class BudgetNotFound(InvalidRequest):
+    code = "budget_not_found"
+    http_status = 404
+
+
+class BudgetAlreadyExists(InvalidRequest):
+    code = "budget_already_exists"
+    http_status = 409
+
+
+class RateLimitExceeded(ConclaveError):
+    """Conclave's own per-key rate limit refused a request (not a provider's 429).
+
+    ``headers`` holds ``Retry-After`` and ``X-RateLimit-*`` for the API server.
+    """
+
+    code = "rate_limit_exceeded"
+    http_status = 429
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        headers: dict[str, str] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class BackendUnavailable(ConclaveError):
+    """A storage backend (Redis, PostgreSQL, SQLite) cannot be reached: fail closed.
+
+    ``backend`` names it and ``url`` is its address with any credentials removed.
+    """
+
+    code = "backend_unavailable"
+    http_status = 503
+
+    def __init__(
+        self, message: str, *, backend: str, url: str | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.backend = backend
+        self.url = url

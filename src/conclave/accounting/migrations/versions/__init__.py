@@ -1,0 +1,1 @@
+"""Alembic revision files (Alembic skips ``__init__``; it is here so the files ship)."""
