@@ -145,8 +145,17 @@ def models(
 
 
 def main() -> None:
+    import os
+
     _mount_subcommands()
-    app()
+    try:
+        app()
+    except Exception as exc:  # a bug, not bad input: still one line unless debugging
+        if os.environ.get("CONCLAVE_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+                  "(set CONCLAVE_DEBUG=1 for a traceback and please report it)")
+        raise SystemExit(70) from None
 
 
 if __name__ == "__main__":

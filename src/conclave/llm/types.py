@@ -91,6 +91,9 @@ class ChatRequest(BaseModel):
     tools: list[ToolSpec] = Field(default_factory=list)
     tool_choice: Literal["auto", "none", "required"] | str | None = None
     response_format: ResponseFormat | None = None
+    #: a raw completion prompt (``/v1/completions``): sent as-is to base models, instead of
+    #: the Question/Answer rendering of ``messages``; chat models get ``messages``
+    prompt: str | None = None
     #: None means "use the global setting"
     privacy: bool | None = None
     #: free-form labels carried to the ledger (user, team, run id, ...)
