@@ -77,6 +77,8 @@ class ProviderError(ConclaveError):
     code = "provider_error"
     http_status = 502
     retryable: bool = False
+    #: answer text that had streamed before the failure (set by providers when any arrived)
+    partial_text: str = ""
 
     def __init__(
         self,

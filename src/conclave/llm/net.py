@@ -85,7 +85,7 @@ class _GuardBackend:
         self,
         host: str,
         port: int,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's backend interface
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> Any:
@@ -95,7 +95,8 @@ class _GuardBackend:
             socket_options=socket_options,
         )
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+    async def connect_unix_socket(self, path: str,
+                                  timeout: float | None = None,  # noqa: ASYNC109
                                   socket_options: Iterable[Any] | None = None) -> Any:
         return await self._inner.connect_unix_socket(path, timeout=timeout,
                                                      socket_options=socket_options)
@@ -152,3 +153,23 @@ def httpx_client(*, privacy: bool, timeout: float, connect_timeout: float,
         network_backend=GuardBackend1(),
     )
     return httpx.AsyncClient(timeout=to, transport=transport, trust_env=False, **kwargs)
+
+
+def httpx_transport(*, privacy: bool) -> httpx.AsyncHTTPTransport:
+    """A bare httpx 0.x transport, guarded in privacy mode.
+
+    For SDKs that build their own ``httpx.AsyncClient`` and only accept a
+    ``transport=`` (the ``ollama`` SDK); pass ``trust_env=False`` alongside it
+    in privacy mode, or environment proxies would bypass the guard.
+    """
+    limits = httpx.Limits(**_limits())
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=not privacy)
+    if privacy:
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=transport._pool._ssl_context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardBackend1(),
+        )
+    return transport
