@@ -2,28 +2,69 @@
 
 Every capability (RAG answers, agents, the API server, the CLI) calls models
 through :class:`Gateway`, so routing, privacy, pricing, stream policies and
-(later) accounting happen in one place and cannot be skipped:
+accounting happen in one place and cannot be skipped:
 
     request -> validate and fill defaults -> router.plan (privacy, tiers)
             -> price check of every candidate (before anything is spent)
+            -> budgets: reserve the worst case against every applicable budget
             -> router (retries, fallbacks) -> provider -> streaming manager
+            -> budgets: settle the actual cost (or release on failure)
+            -> ledger: one invocation record, whatever the outcome
             -> response with usage, cost, latency and time to first token
+
+Accounting is optional (``accounting=None`` for library use without a
+ledger); when present it wraps the router here and nowhere else.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from conclave.config import ModelSpec, Price, Settings, load_settings
-from conclave.errors import InvalidRequest
-from conclave.llm.pricing import cost, price_of
+from conclave.errors import ConclaveError, InvalidRequest
+from conclave.llm.pricing import cost, price_of, to_micros, worst_case_cost
 from conclave.llm.providers import build_provider
 from conclave.llm.providers.base import Provider
 from conclave.llm.router import RoutePlan, Router
 from conclave.llm.streaming import ManagedStream, StreamPolicy
-from conclave.llm.types import ChatRequest, ChatResponse, StreamChunk
+from conclave.llm.types import ChatRequest, ChatResponse, StopReason, StreamChunk
+
+if TYPE_CHECKING:
+    from conclave.accounting import Accounting
+    from conclave.accounting.budgets import Reservation
+
+log = logging.getLogger("conclave.gateway")
+
+#: ChatRequest.metadata keys that name who pays; they become ledger fields and budget scopes
+CALLER_FIELDS = ("api_key_id", "user", "team", "run_id", "workflow_id", "experiment",
+                 "variant", "route", "operation")
+
+
+def input_token_bound(request: ChatRequest) -> int:
+    """An upper bound on the prompt's tokens without a tokenizer.
+
+    No tokenizer makes more tokens than UTF-8 bytes, so bytes (plus a few tokens of
+    chat-template overhead per message) can be reserved safely: a budget is never
+    overrun by an under-estimate.  Settlement then charges the real count.
+    """
+    total = len(request.prompt.encode()) if request.prompt else 0
+    for m in request.messages:
+        total += len((m.content or "").encode()) + 8
+        for c in m.tool_calls:
+            total += len(c.name) + len(str(c.arguments).encode()) + 8
+    for t in request.tools:
+        total += len(t.model_dump_json().encode())
+    if request.response_format is not None:
+        total += len(request.response_format.model_dump_json().encode())
+    return total + 16
 
 
 class GatewayStream:
@@ -52,8 +93,10 @@ class Gateway:
         *,
         providers: Mapping[str, Provider] | None = None,
         runtime: object | None = None,
+        accounting: Accounting | None = None,
     ) -> None:
         self.settings = settings or load_settings()
+        self.accounting = accounting
         self._runtime = runtime
         self._providers = dict(providers) if providers is not None else self._build_providers()
         self.router = Router(self.settings, self._providers)
@@ -61,7 +104,7 @@ class Gateway:
     # -- construction ---------------------------------------------------------------
 
     @property
-    def runtime(self):  # noqa: ANN201 - LocalRuntime, imported lazily
+    def runtime(self):
         if self._runtime is None:
             from conclave.llm.local import LocalRuntime
 
@@ -107,30 +150,180 @@ class Gateway:
             async for _ in stream:
                 pass
             return stream.response
-        request, plan, prices = self.prepare(request)
-        started = time.perf_counter()
-        response = await self.router.complete(request, plan)
-        response.latency_ms = (time.perf_counter() - started) * 1000
+        call = _Call(self, request, "chat" if request.prompt is None else "text_completion")
+        request, plan, prices = await call.begin()
+        try:
+            response = await self.router.complete(request, plan)
+        except BaseException as exc:
+            await call.fail(exc)
+            raise
+        response.latency_ms = (time.perf_counter() - call.t0) * 1000
         response.cost_usd = float(cost(response.usage, prices[response.model]))
+        await call.finish(response, None)
         return response
 
     async def stream(
         self, request: ChatRequest, *, policies: Iterable[StreamPolicy] = ()
     ) -> GatewayStream:
-        """Start a streamed answer: returns once the first chunk has arrived."""
-        request, plan, prices = self.prepare(request)
-        started = time.perf_counter()
-        routed = await self.router.stream(request, plan)
+        """Start a streamed answer: returns once the first chunk has arrived.
+
+        The stream must be iterated to its end or closed (``aclose`` on the iterator,
+        or breaking out of ``async for``): either way it is settled and recorded.
+        """
+        call = _Call(self, request, "chat" if request.prompt is None else "text_completion")
+        request, plan, prices = await call.begin()
+        try:
+            routed = await self.router.stream(request, plan)
+        except BaseException as exc:
+            await call.fail(exc)
+            raise
         managed = ManagedStream(
             routed.chunks,
             price=prices[routed.model.name],
             prompt_text="\n".join(m.content or "" for m in request.messages),
             policies=list(policies),
-            started=started,
+            started=call.t0,
+            on_finish=call.finish,
         )
+        call.managed = managed
         return GatewayStream(managed, routed.model, plan)
 
     def cost_of(self, response: ChatResponse) -> Decimal:
         """Exact decimal cost of a response (the float in ``cost_usd`` is for display)."""
         model = self.settings.catalog.model(response.model)
         return cost(response.usage, price_of(model, self.settings.default_price))
+
+
+class _Call:
+    """The accounting around one gateway call: reserve, then settle or release, then record.
+
+    Every exit path goes through :meth:`finish` or :meth:`fail` exactly once, shielded
+    from cancellation, so a client that disconnects mid-stream still gets settled for
+    what it consumed and its reservation never lingers.
+    """
+
+    def __init__(self, gateway: Gateway, request: ChatRequest, operation: str) -> None:
+        self.gw = gateway
+        self.request = request
+        self.operation = request.metadata.get("operation", operation)
+        self.request_id = request.metadata.get("request_id") or uuid.uuid4().hex
+        self.started_at = datetime.now(UTC)
+        self.t0 = time.perf_counter()
+        self.plan: RoutePlan | None = None
+        self.reservation: Reservation | None = None
+        self.managed: ManagedStream | None = None
+        self._done = False
+
+    def scopes(self) -> list[Any]:
+        from conclave.accounting.budgets import GLOBAL, Scope, ScopeRef
+
+        meta = self.request.metadata
+        refs = [GLOBAL]
+        for scope, key in ((Scope.API_KEY, "api_key_id"), (Scope.USER, "user"),
+                           (Scope.TEAM, "team"), (Scope.RUN, "run_id")):
+            if meta.get(key):
+                refs.append(ScopeRef(scope=scope, id=meta[key]))
+        return refs
+
+    async def begin(self) -> tuple[ChatRequest, RoutePlan, dict[str, Price]]:
+        try:
+            request, plan, prices = self.gw.prepare(self.request)
+            self.request, self.plan = request, plan
+            acc = self.gw.accounting
+            if acc is not None:
+                bound = input_token_bound(request)
+                worst = max(worst_case_cost(bound, request.max_tokens or 0, p)
+                            for p in prices.values())
+                self.reservation = await acc.budgets.reserve(
+                    self.scopes(), to_micros(worst), request_id=self.request_id,
+                    ttl_s=self.gw.settings.accounting.reservation_ttl_s,
+                )
+        except BaseException as exc:
+            await self.fail(exc)
+            raise
+        return request, plan, prices
+
+    async def fail(self, exc: BaseException) -> None:
+        """Before any output: release the reservation and record the error."""
+        if self._done:
+            return
+        self._done = True
+        acc = self.gw.accounting
+        if acc is None:
+            return
+        with anyio.CancelScope(shield=True):
+            if self.reservation is not None:
+                try:
+                    await acc.budgets.release(self.reservation)
+                except ConclaveError as err:
+                    log.warning("could not release %s: %s (expires by TTL)", self.request_id, err)
+            await acc.ledger.write(self._record(None, exc))
+
+    async def finish(self, response: ChatResponse, error: BaseException | None) -> None:
+        """After output: settle what was consumed (release if nothing was) and record."""
+        if self._done:
+            return
+        self._done = True
+        acc = self.gw.accounting
+        if acc is None:
+            return
+        with anyio.CancelScope(shield=True):
+            spent = to_micros(self.gw.cost_of(response)) if response.model else 0
+            if self.reservation is not None:
+                try:
+                    await acc.budgets.settle(self.reservation, spent)
+                except ConclaveError as exc:
+                    # The budget backend went down mid-call: the reservation still holds the
+                    # worst case until its TTL, and the ledger keeps the exact spend.
+                    log.warning("could not settle %s: %s", self.request_id, exc)
+            await acc.ledger.write(self._record(response, error))
+
+    def _record(self, response: ChatResponse | None, error: BaseException | None) -> Any:
+        from conclave.accounting.ledger import InvocationRecord, Outcome
+
+        meta = self.request.metadata
+        ended = datetime.now(UTC)
+        if error is not None:
+            outcome = Outcome.ERROR
+        elif self.managed is not None and self.managed.cut:
+            outcome = Outcome.CUT
+        elif response is not None and response.stop_reason is StopReason.CANCELLED:
+            outcome = Outcome.CANCELLED
+        else:
+            outcome = Outcome.SUCCESS
+        plan = self.plan
+        usage = response.usage if response is not None else None
+        privacy = plan.privacy if plan is not None else bool(
+            self.request.privacy if self.request.privacy is not None
+            else self.gw.settings.privacy_mode)
+        fields: dict[str, Any] = {
+            k: meta[k] for k in CALLER_FIELDS if meta.get(k) and k != "operation"
+        }
+        return InvocationRecord(
+            started_at=self.started_at,
+            ended_at=ended,
+            operation=self.operation,
+            provider=(response.provider or None) if response else None,
+            request_model=self.request.model or (
+                f"tier-{self.request.tier if self.request.tier is not None else 0}"),
+            response_model=(response.model or None) if response else None,
+            response_id=(response.id or None) if response else None,
+            max_tokens=self.request.max_tokens,
+            finish_reasons=[response.stop_reason.value] if response and response.model else [],
+            tier=response.tier if response and response.model else None,
+            privacy=privacy,
+            input_tokens=usage.input_tokens if usage else 0,
+            output_tokens=usage.output_tokens if usage else 0,
+            cached_input_tokens=usage.cached_input_tokens if usage else 0,
+            cache_write_tokens=usage.cache_write_tokens if usage else 0,
+            tokens_estimated=usage.estimated if usage else False,
+            cost_micros=to_micros(self.gw.cost_of(response)) if response and response.model
+            else 0,
+            latency_ms=int((time.perf_counter() - self.t0) * 1000),
+            ttft_ms=int(response.ttft_ms) if response and response.ttft_ms is not None else None,
+            outcome=outcome,
+            error_type=(getattr(error, "code", None) or type(error).__name__) if error else None,
+            attributes={k: v for k, v in meta.items()
+                        if k not in CALLER_FIELDS and k != "request_id"},
+            **fields,
+        )

@@ -10,11 +10,14 @@ them, otherwise counts computed here and marked ``estimated``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+import anyio
 
 from conclave.config import Price
 from conclave.errors import ConnectionLost
@@ -136,12 +139,18 @@ class ManagedStream:
     _usage: Usage | None = None
     _tool_calls: list[ToolCall] = field(default_factory=list)
     _done: bool = False
+    #: True when the consumer stopped iterating (or was cancelled) before the end
+    cut: bool = False
+    _reported: bool = False
+    #: awaited once the response is final, shielded from cancellation (accounting uses it)
+    on_finish: Callable[[ChatResponse, BaseException | None], Awaitable[None]] | None = None
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self._run()
 
     async def _run(self) -> AsyncIterator[StreamChunk]:
         stop = StopReason.STOP
+        error: BaseException | None = None
         s = self._state
         try:
             async for chunk in self.source:
@@ -171,14 +180,26 @@ class ManagedStream:
                         return
         except ConnectionLost as exc:
             exc.partial_text = exc.partial_text or s.text
-            stop = StopReason.ERROR
+            stop, error = StopReason.ERROR, exc
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            # The consumer went away (client disconnect, break, task cancelled).
+            self.cut, stop = True, StopReason.CANCELLED
+            raise
+        except BaseException as exc:
+            stop, error = StopReason.ERROR, exc
             raise
         finally:
-            # Closing the upstream generator cancels the HTTP request.
-            close = getattr(self.source, "aclose", None)
-            if close is not None:
-                await close()
-            self._finish(stop)
+            # Shielded: a cancelled consumer must still close upstream and settle the bill.
+            with anyio.CancelScope(shield=True):
+                # Closing the upstream generator cancels the HTTP request.
+                close = getattr(self.source, "aclose", None)
+                if close is not None:
+                    await close()
+                self._finish(stop)
+                if self.on_finish is not None and not self._reported:
+                    self._reported = True
+                    await self.on_finish(self.response, error)
 
     def _counts(self) -> tuple[int, int]:
         u = self._usage
