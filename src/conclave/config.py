@@ -209,8 +209,8 @@ class AccountingSettings(BaseModel):
     ``budget_backend=redis`` (rate limits follow the budget backend unless set).
     """
 
-    #: ``sqlite:///path/ledger.db`` or ``postgresql://user@host/db``; None means
-    #: ``sqlite:///<data_dir>/accounting/ledger.db``
+    #: ``postgresql://user@host/db`` or SQLite: ``sqlite:///name.db`` (relative to data_dir)
+    #: or ``sqlite:////absolute/path.db``; None means ``<data_dir>/accounting/ledger.db``
     ledger_url: str | None = None
     #: PostgreSQL schema that holds the ledger tables (created if missing)
     ledger_schema: str = "conclave"
