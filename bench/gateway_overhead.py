@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import httpx2
-from _common import now, percentile, upstream
 
+from _common import now, percentile, upstream
 from conclave.config import Settings
 from conclave.gateway import Gateway
 from conclave.llm.types import ChatRequest, Message

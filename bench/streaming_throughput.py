@@ -16,20 +16,19 @@ import json
 import statistics
 
 import httpx2
-from _common import now
 
+from _common import now
 from conclave.config import load_settings
 from conclave.gateway import Gateway
 from conclave.llm.local import LocalRuntime
-from conclave.llm.prompts import completion_prompt
 from conclave.llm.types import ChatRequest, Message
 
-QUESTION = "Write a long, detailed story about a dragon who learns to bake bread."
+#: a raw completion prompt with no stop sequences, so both paths generate the full token cap
+PROMPT = "Chapter 1. The dragon who learned to bake bread.\n\nOnce upon a time,"
 
 
 async def direct(client: httpx2.AsyncClient, url: str, max_tokens: int) -> tuple[int, float]:
-    prompt, stops = completion_prompt([Message.user(QUESTION)])
-    body = {"model": "gemma-3-270m", "prompt": prompt, "stop": stops, "max_tokens": max_tokens,
+    body = {"model": "gemma-3-270m", "prompt": PROMPT, "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     tokens, first, last = 0, 0.0, 0.0
     async with client.stream("POST", f"{url}/completions", json=body) as r:
@@ -45,7 +44,7 @@ async def direct(client: httpx2.AsyncClient, url: str, max_tokens: int) -> tuple
 
 
 async def gateway(gw: Gateway, max_tokens: int) -> tuple[int, float]:
-    req = ChatRequest(messages=[Message.user(QUESTION)], model="local/gemma-3-270m",
+    req = ChatRequest(messages=[Message.user(PROMPT)], prompt=PROMPT, model="local/gemma-3-270m",
                       max_tokens=max_tokens, temperature=0)
     tokens, first, last = 0, 0.0, 0.0
     stream = await gw.stream(req)

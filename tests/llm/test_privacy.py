@@ -60,7 +60,7 @@ def test_local_address_classification():
 async def test_guarded_clients_refuse_public_addresses_before_connecting(factory):
     client = factory(privacy=True, timeout=5, connect_timeout=2)
     async with client:
-        with pytest.raises(PrivacyViolation, match="192.0.2.10"):
+        with pytest.raises(PrivacyViolation, match=r"192\.0\.2\.10"):
             await client.get("http://192.0.2.10:80/v1/models")
         with pytest.raises(PrivacyViolation):
             await client.get("https://[2001:db8::1]/")

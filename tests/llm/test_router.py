@@ -46,7 +46,7 @@ def build(tmp_path, **settings_kw):
 
 
 async def test_no_cloud_configured_every_tier_is_tier0(tmp_path):
-    router, providers, _ = build(tmp_path)
+    router, _providers, _ = build(tmp_path)
     for tier in (1, 2, 3):
         resp = await router.complete(req(tier=tier))
         assert resp.model == "local/gemma-3-270m"
@@ -55,7 +55,7 @@ async def test_no_cloud_configured_every_tier_is_tier0(tmp_path):
 
 
 async def test_tier_picks_configured_provider_by_priority(tmp_path):
-    router, providers, _ = build(tmp_path, openai_api_key="sk-test")
+    router, _providers, _ = build(tmp_path, openai_api_key="sk-test")
     resp = await router.complete(req(tier=2))
     assert resp.model == "openai/gpt-5-mini"
     assert resp.routing_note is None
