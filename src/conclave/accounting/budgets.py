@@ -32,7 +32,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
@@ -178,7 +178,7 @@ class BudgetUsage(BaseModel):
     reserved_micros: int
     #: limit - spent - reserved, never below zero
     remaining_micros: int
-    #: spent as a percentage of the limit, two decimals (Decimal: exact, like all money here)
+    #: spent as a percentage of the limit, two decimals rounded down (Decimal, never float)
     percent: Decimal
     active_reservations: int
 
@@ -320,7 +320,10 @@ def usage_of(
     """BudgetUsage from the raw numbers a backend read."""
     start, end = period_bounds(b.period, at)
     if b.limit_micros > 0:
-        percent = (Decimal(spent) * 100 / Decimal(b.limit_micros)).quantize(Decimal("0.01"))
+        # rounded down: 99.999% must not show as 100.00% before the limit is reached
+        percent = (Decimal(spent) * 100 / Decimal(b.limit_micros)).quantize(
+            Decimal("0.01"), rounding=ROUND_DOWN
+        )
     else:
         percent = Decimal("0.00") if spent == 0 else Decimal("100.00")
     return BudgetUsage(

@@ -29,11 +29,13 @@ class _Window:
     #: [timestamp ms, lease, tokens] of admitted token reservations, oldest first
     tokens: deque[list[int | str]] = field(default_factory=deque)
     weights: dict[str, list[int | str]] = field(default_factory=dict)
+    #: leases of the requests in the window (a retried lease is admitted once)
+    leases: set[str] = field(default_factory=set)
     used: int = 0
 
     def prune(self, cutoff: int) -> None:
         while self.requests and self.requests[0][0] <= cutoff:
-            self.requests.popleft()
+            self.leases.discard(self.requests.popleft()[1])
         while self.tokens and int(self.tokens[0][0]) <= cutoff:
             _, lease, weight = self.tokens.popleft()
             self.weights.pop(str(lease), None)
@@ -66,6 +68,9 @@ class MemoryRateLimiter:
         rpm, tpm = rule.requests_per_minute, rule.tokens_per_minute
         allowed, retry = True, 0
         count = len(w.requests)
+        if (rpm is not None and lease in w.leases) or (tpm is not None and tokens > 0
+                                                        and lease in w.weights):
+            return self._result(key, lease, rule, tokens, True, w, 0, now)
         if rpm is not None and count + 1 > rpm:
             allowed = False
             retry = -1 if rpm == 0 else w.requests[count - rpm][0] + self._window - now
@@ -81,11 +86,18 @@ class MemoryRateLimiter:
         if allowed:
             if rpm is not None:
                 w.requests.append((now, lease))
+                w.leases.add(lease)
             if tpm is not None and tokens > 0:
                 entry: list[int | str] = [now, lease, tokens]
                 w.tokens.append(entry)
                 w.weights[lease] = entry
                 w.used += tokens
+        return self._result(key, lease, rule, tokens, allowed, w, retry, now)
+
+    def _result(
+        self, key: str, lease: str, rule: RateLimitRule, tokens: int, allowed: bool,
+        w: _Window, retry: int, now: int,
+    ) -> RateLimitResult:
         reset_r = w.requests[0][0] + self._window - now if w.requests else 0
         reset_t = int(w.tokens[0][0]) + self._window - now if w.tokens else 0
         return build_result(
