@@ -74,6 +74,8 @@ class ModelSpec(BaseModel):
     supports_json_schema: bool = True
     #: lower comes first among models of the same tier
     priority: int = 100
+    #: sampling temperature when a request sets none (small base models answer best greedy)
+    default_temperature: float | None = None
     #: filled in from the provider when the catalog is loaded
     local: bool = False
 
@@ -244,6 +246,28 @@ class AccountingSettings(BaseModel):
     backend_timeout_s: float = Field(2.0, gt=0)
 
 
+class ApiSettings(BaseModel):
+    """``conclave serve`` (``CONCLAVE_API__*``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8400, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    #: origins allowed by CORS; empty means no cross-origin browser access
+    cors_origins: list[str] = Field(default_factory=list)
+    #: "auto": keys are required once any key exists, and before that only loopback
+    #: clients are served; "required": always; "off": never (trusted networks only)
+    auth: Literal["auto", "required", "off"] = "auto"
+    #: default per-key limits when a key sets none (None: unlimited)
+    requests_per_minute: int | None = Field(None, ge=0)
+    tokens_per_minute: int | None = Field(None, ge=0)
+    #: seconds a key lookup is cached; a revoked key stops working elsewhere within this
+    key_cache_ttl_s: float = Field(5.0, ge=0)
+    #: log prompts and answers in access logs (off: they can hold personal data)
+    log_bodies: bool = False
+    #: seconds to let in-flight requests finish on shutdown
+    graceful_timeout_s: float = Field(30.0, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONCLAVE_",
@@ -264,6 +288,7 @@ class Settings(BaseSettings):
     log_level: str = "WARNING"
 
     local: LocalSettings = Field(default_factory=LocalSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     accounting: AccountingSettings = Field(default_factory=AccountingSettings)
 

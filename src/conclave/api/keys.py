@@ -245,6 +245,7 @@ class PostgresKeyStore:
         except Exception as exc:
             raise BackendUnavailable(
                 f"PostgreSQL is unavailable for API keys: {type(exc).__name__}",
+                backend="postgresql",
                 hint="check that PostgreSQL is running and CONCLAVE_ACCOUNTING__LEDGER_URL",
             ) from None
         return self
@@ -261,7 +262,7 @@ class PostgresKeyStore:
                 raise
             raise BackendUnavailable(
                 f"PostgreSQL is unavailable for API keys: {type(exc).__name__}",
-                hint="check that PostgreSQL is running") from None
+                backend="postgresql", hint="check that PostgreSQL is running") from None
 
     async def create(self, *, name: str = "", scope: str = "user", user: str | None = None,
                      team: str | None = None, requests_per_minute: int | None = None,

@@ -217,7 +217,7 @@ class Router:
 
         async def run(spec: ModelSpec) -> ChatResponse:
             return await self.providers[spec.provider].complete(
-                spec, request, privacy=plan.privacy or spec.local
+                spec, _for_model(request, spec), privacy=plan.privacy or spec.local
             )
 
         spec, result, _ = await self._attempts(plan, run)
@@ -232,7 +232,7 @@ class Router:
 
         async def run(spec: ModelSpec) -> tuple[AsyncIterator[StreamChunk], StreamChunk | None]:
             it = aiter(self.providers[spec.provider].stream(
-                spec, request, privacy=plan.privacy or spec.local))
+                spec, _for_model(request, spec), privacy=plan.privacy or spec.local))
             try:
                 first = await anext(it)
             except StopAsyncIteration:
@@ -245,6 +245,13 @@ class Router:
         spec, result, attempts = await self._attempts(plan, run)
         it, first = result  # type: ignore[misc]
         return RoutedStream(spec, plan, _prepend(first, it), attempts)
+
+
+def _for_model(request: ChatRequest, spec: ModelSpec) -> ChatRequest:
+    """Apply the model's defaults where the request left a choice open."""
+    if request.temperature is None and spec.default_temperature is not None:
+        return request.model_copy(update={"temperature": spec.default_temperature})
+    return request
 
 
 def _ordered(models: object) -> list[ModelSpec]:
