@@ -98,6 +98,7 @@ def run_migrations(url: str, schema: str, connect_timeout_s: float = 10.0) -> No
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine
+    from sqlalchemy.exc import DBAPIError
     from sqlalchemy.pool import NullPool
 
     conninfo = psycopg_url(url)
@@ -113,6 +114,11 @@ def run_migrations(url: str, schema: str, connect_timeout_s: float = 10.0) -> No
             cfg.attributes["connection"] = connection
             cfg.attributes["schema"] = schema
             command.upgrade(cfg, "head")
+    except DBAPIError as exc:
+        # SQLAlchemy wraps the driver's error; a connection failure is an outage, not a bug
+        if isinstance(exc.orig, _CONNECTION_ERRORS) or exc.connection_invalidated:
+            raise unavailable(url, exc.orig or exc) from exc
+        raise
     finally:
         engine.dispose()
 
