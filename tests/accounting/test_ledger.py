@@ -155,6 +155,27 @@ async def test_writes_flush_on_their_own(ledger_factory: Any) -> None:
     assert ledger.pending == 0
 
 
+async def test_a_record_the_database_refuses_does_not_block_the_rest(
+    ledger_factory: Any, tmp_path: Path
+) -> None:
+    spill = tmp_path / "spill"
+    ledger = await ledger_factory(spill_dir=spill)
+    good = [rec(cost_micros=i) for i in range(3)]
+    # bypasses validation the way a bug upstream might: a value no BIGINT column holds
+    bad = InvocationRecord.model_construct(**{**rec().model_dump(), "cost_micros": 2**70})
+    for r in (good[0], bad, good[1]):
+        await ledger.write(r)
+    await ledger.flush()
+    await ledger.write(good[2])
+    await ledger.flush()
+    assert await ledger.count() == 3
+    ledger.ensure_available()  # a data error is not an outage
+    (rejected,) = spill.glob("rejected-*.jsonl")
+    assert str(bad.id) in rejected.read_text()
+    with pytest.raises(ValidationError, match="NUL"):
+        rec(provider="open\x00ai")
+
+
 async def test_the_same_record_twice_is_stored_once(ledger_factory: Any) -> None:
     ledger = await ledger_factory()
     r = rec()

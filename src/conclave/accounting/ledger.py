@@ -133,6 +133,13 @@ class InvocationRecord(BaseModel):
 
     @model_validator(mode="after")
     def _derived(self) -> InvocationRecord:
+        for field in type(self).model_fields:
+            value = getattr(self, field)
+            texts = value if isinstance(value, list) else (
+                [*value, *value.values()] if isinstance(value, dict) else [value])
+            if any(isinstance(t, str) and "\x00" in t for t in texts):
+                # PostgreSQL text cannot hold NUL; refuse it on every backend alike
+                raise ValueError(f"{field} contains a NUL character")
         if self.ended_at < self.started_at:
             raise ValueError("ended_at is before started_at")
         if self.latency_ms is None:
@@ -316,13 +323,13 @@ class BatchingLedger(ABC):
 
     @abstractmethod
     async def _write_batch(self, records: Sequence[InvocationRecord]) -> None:
-        """Write all of them in one transaction, ignoring ids already present."""
+        """Write all of them in one transaction, ignoring ids already present.  Raise
+        BackendUnavailable for an outage (the batch is retried); any other error means the
+        data was refused (the bad records are set aside)."""
 
     @abstractmethod
     async def _close_backend(self) -> None: ...
 
-    @abstractmethod
-    def _unavailable(self, exc: BaseException) -> BackendUnavailable: ...
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -382,8 +389,8 @@ class BatchingLedger(ABC):
             except BackendUnavailable as exc:
                 last = exc
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-            except TimeoutError:
-                break
+            except (TimeoutError, ConclaveError):
+                break  # out of time, or the writer is gone: spill what is left
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -426,25 +433,54 @@ class BatchingLedger(ABC):
                     await self._write_batch(batch)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:
-                    self._failure = (
-                        exc if isinstance(exc, BackendUnavailable) else self._unavailable(exc)
-                    )
+                except BackendUnavailable as exc:
+                    # an outage: keep the batch, refuse new calls, retry with backoff
+                    self._failure = exc
                     log.warning(
                         "ledger write failed; will retry",
                         extra={"conclave_event": {"pending": len(self._pending),
-                                                  "error": self._failure.message}},
+                                                  "error": exc.message}},
                     )
-                    self._fail_waiters(self._failure)
+                    self._fail_waiters(exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
+                except Exception as exc:
+                    # the database refused the data itself: retrying the same batch would
+                    # block the ledger forever, so find the bad records and set them aside
+                    try:
+                        await self._isolate(batch, exc)
+                    except BackendUnavailable as outage:
+                        self._failure = outage
+                        self._fail_waiters(outage)
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, 2.0)
+                        continue
                 for _ in batch:
                     self._pending.popleft()
                 self._written += len(batch)
                 self._failure = None
                 backoff = self._interval
                 self._wake_waiters()
+
+    async def _isolate(self, batch: list[InvocationRecord], exc: Exception) -> None:
+        """Write the batch one record at a time; records the database rejects go to a
+        ``rejected-*.jsonl`` file beside the spill files (never silently dropped)."""
+        rejected: list[InvocationRecord] = []
+        for record in batch:
+            try:
+                await self._write_batch([record])
+            except BackendUnavailable:
+                raise
+            except Exception:
+                rejected.append(record)
+        if rejected:
+            path = self._spill(rejected, kind="rejected")
+            log.error(
+                "ledger rejected %d record(s): %s", len(rejected), type(exc).__name__,
+                extra={"conclave_event": {"rejected": [str(r.id) for r in rejected],
+                                          "saved_to": str(path) if path else None}},
+            )
 
     def _wake_waiters(self) -> None:
         keep = []
@@ -465,11 +501,11 @@ class BatchingLedger(ABC):
 
     # -- spill files -------------------------------------------------------------------
 
-    def _spill(self, records: list[InvocationRecord]) -> Path | None:
+    def _spill(self, records: list[InvocationRecord], kind: str = "spill") -> Path | None:
         if self._spill_dir is None:
             return None
         self._spill_dir.mkdir(parents=True, exist_ok=True)
-        name = f"spill-{time.time_ns()}-{os.getpid()}.jsonl"
+        name = f"{kind}-{time.time_ns()}-{os.getpid()}.jsonl"
         tmp = self._spill_dir / f".{name}.tmp"
         with tmp.open("w") as fh:
             for r in records:

@@ -328,11 +328,6 @@ class PostgresLedger(BatchingLedger):
     async def _close_backend(self) -> None:
         await self._pool.close()
 
-    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
-        if isinstance(exc, BackendUnavailable):
-            return exc
-        return unavailable(self.url, exc)
-
     # -- reads -------------------------------------------------------------------------
 
     async def ping(self) -> None:

@@ -29,7 +29,7 @@ from conclave.accounting.ledger import (
     SpendRow,
     sort_spend,
 )
-from conclave.errors import BackendUnavailable, InvalidRequest
+from conclave.errors import InvalidRequest
 
 SCHEMA_VERSION = 1
 _TS = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -167,14 +167,6 @@ class SqliteLedger(BatchingLedger):
 
     async def _close_backend(self) -> None:
         await self._db.close()
-
-    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
-        if isinstance(exc, BackendUnavailable):
-            return exc
-        return BackendUnavailable(
-            f"SQLite ledger {self.path} failed: {exc}", backend="SQLite", url=str(self.path),
-            hint="check the disk and file permissions",
-        )
 
     # -- reads -------------------------------------------------------------------------
 
