@@ -18,6 +18,7 @@ ledger); when present it wraps the router here and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -46,6 +47,17 @@ log = logging.getLogger("conclave.gateway")
 #: ChatRequest.metadata keys that name who pays; they become ledger fields and budget scopes
 CALLER_FIELDS = ("api_key_id", "user", "team", "run_id", "workflow_id", "experiment",
                  "variant", "route", "operation")
+
+
+def record_id(request_id: str) -> uuid.UUID:
+    """The ledger id of a request: its id when that is a UUID, else a UUID derived from it.
+
+    Deterministic, so a record written twice (a retried flush) is stored once.
+    """
+    try:
+        return uuid.UUID(request_id)
+    except ValueError:
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"conclave:{request_id}")
 
 
 def input_token_bound(request: ChatRequest) -> int:
@@ -97,6 +109,7 @@ class Gateway:
     ) -> None:
         self.settings = settings or load_settings()
         self.accounting = accounting
+        self._background: set[asyncio.Task[None]] = set()
         self._runtime = runtime
         self._providers = dict(providers) if providers is not None else self._build_providers()
         self.router = Router(self.settings, self._providers)
@@ -118,9 +131,34 @@ class Gateway:
             providers[name] = build_provider(spec, self.settings, base_url_resolver=resolver)
         return providers
 
+    def _retry_settle(self, reservation: Reservation, micros: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle_later(reservation, micros))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _settle_later(self, reservation: Reservation, micros: int) -> None:
+        assert self.accounting is not None
+        ttl = self.settings.accounting.reservation_ttl_s
+        deadline = time.monotonic() + ttl
+        delay = 0.5
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self.accounting.budgets.settle(reservation, micros)
+                log.info("settled %s after a backend outage", reservation.request_id)
+                return
+            except ConclaveError:
+                delay = min(delay * 2, 10.0)
+        log.error("gave up settling %s: its reservation expired", reservation.request_id)
+
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
+        if self._background:
+            # Give outstanding settlements a moment; an expired reservation frees itself.
+            _, pending = await asyncio.wait(self._background, timeout=5)
+            for task in pending:
+                task.cancel()
 
     async def __aenter__(self) -> Gateway:
         return self
@@ -231,6 +269,9 @@ class _Call:
             self.request, self.plan = request, plan
             acc = self.gw.accounting
             if acc is not None:
+                # Fail closed while the ledger cannot write: a call we could not record
+                # must not happen (the records already queued are kept and written later).
+                acc.ledger.ensure_available()
                 bound = input_token_bound(request)
                 worst = max(worst_case_cost(bound, request.max_tokens or 0, p)
                             for p in prices.values())
@@ -273,9 +314,11 @@ class _Call:
                 try:
                     await acc.budgets.settle(self.reservation, spent)
                 except ConclaveError as exc:
-                    # The budget backend went down mid-call: the reservation still holds the
-                    # worst case until its TTL, and the ledger keeps the exact spend.
-                    log.warning("could not settle %s: %s", self.request_id, exc)
+                    # The budget backend went down mid-call.  Settling is idempotent, so
+                    # keep trying in the background; meanwhile the reservation holds the
+                    # worst case (never less than the spend), and the ledger has it exact.
+                    log.warning("could not settle %s yet: %s", self.request_id, exc)
+                    self.gw._retry_settle(self.reservation, spent)
             await acc.ledger.write(self._record(response, error))
 
     def _record(self, response: ChatResponse | None, error: BaseException | None) -> Any:
@@ -300,6 +343,7 @@ class _Call:
             k: meta[k] for k in CALLER_FIELDS if meta.get(k) and k != "operation"
         }
         return InvocationRecord(
+            id=record_id(self.request_id),
             started_at=self.started_at,
             ended_at=ended,
             operation=self.operation,

@@ -312,6 +312,10 @@ class WireServer:
                     break
         except (ConnectionError, asyncio.IncompleteReadError, _Disconnected):
             pass
+        except asyncio.CancelledError:
+            # Server shutdown: end quietly (asyncio's stream callback would otherwise log
+            # the cancelled connection task as an error).
+            pass
         finally:
             with contextlib.suppress(Exception):
                 if not writer.transport.is_closing():

@@ -316,7 +316,9 @@ class PostgresKeyStore:
 async def open_key_store(settings: Any) -> KeyStore:
     """The key store beside the ledger: PostgreSQL when the ledger is there, else SQLite."""
     acc = settings.accounting
+    ttl = settings.api.key_cache_ttl_s
     url = acc.ledger_url or ""
     if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresKeyStore(url, acc.ledger_schema).open()
-    return await SqliteKeyStore(settings.data_dir / "accounting" / "keys.db").open()
+        return await PostgresKeyStore(url, acc.ledger_schema, cache_ttl_s=ttl).open()
+    return await SqliteKeyStore(settings.data_dir / "accounting" / "keys.db",
+                                cache_ttl_s=ttl).open()

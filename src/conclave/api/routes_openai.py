@@ -9,6 +9,7 @@ gateway's own business.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -58,7 +59,10 @@ def _privacy(request: Request) -> bool | None:
 def _label(req: ChatRequest, caller: Caller, request: Request, route: str) -> ChatRequest:
     meta = dict(req.metadata)
     meta["route"] = route
-    meta["request_id"] = request.state.request_id
+    # The call id is always ours: a client reusing X-Request-ID must not be able to make
+    # two calls share a reservation or a ledger record.  The client's id is kept beside it.
+    meta["request_id"] = uuid.uuid4().hex
+    meta["client_request_id"] = request.state.request_id
     if caller.key is not None:
         meta["api_key_id"] = caller.key.id
         if caller.key.user:
@@ -112,7 +116,7 @@ async def _serve(request: Request, route: str,
     req = _label(parse(body, privacy=_privacy(request)), caller, request, route)
     admitted = await _admit(state, caller, route, req)
     headers = admitted.headers() if admitted is not None else {}
-    rid = request.state.request_id
+    rid = req.metadata["request_id"]
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         try:
