@@ -132,6 +132,9 @@ async def test_budget_race_never_overspends(upstream: Upstream, servers_factory,
     succeeded = {str(r.id) for r in records if r.outcome == "success"}
     assert succeeded == {uuid.UUID(rid).__str__() for _, rid in results if rid}
     refused = [r for r in records if r.outcome == "error"]
+    odd = [r for r in records if r.outcome not in ("error", "success")
+           or (r.outcome == "success" and str(r.id) not in succeeded)]
+    assert not odd, (len(odd), odd[:3])
     assert len(refused) == total - ok and {r.error_type for r in refused} == {"budget_exceeded"}
     assert sum(r.cost_micros for r in records) == usage.spent_micros
 
