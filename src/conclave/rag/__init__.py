@@ -1,0 +1,1 @@
+"""RAG: loaders, chunkers, embeddings, hybrid index, retrieval, answers with citations."""
