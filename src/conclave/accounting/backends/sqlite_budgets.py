@@ -8,6 +8,14 @@ connection thread) and not from another process sharing the file (it waits on
 reserve and usage read, inside the same transaction, so they stop counting the
 moment their TTL passes.  The alert marks table has the (budget, period,
 threshold) primary key that makes an alert fire exactly once.
+
+Reserve and settle run on every model call, so they are kept lean: the store
+runs them inline on the event loop (see :mod:`._sqlite`; another process
+holding the lock sends them to the connection thread instead), a reserve reads
+every applicable budget with its spend and reservations in one query, and no
+``Budget`` model is built unless a refusal or an alert needs one.  Settled
+request ids older than their retention are pruned at most once a minute, not
+on every settle.
 """
 
 from __future__ import annotations
@@ -162,7 +170,8 @@ class SqliteBudgetStore:
         self._thresholds = sorted(set(alert_thresholds))
         self.dispatcher = dispatcher or AlertDispatcher()
         self._clock = clock
-        self._db = SqliteRunner(path, what="budgets")
+        self._db = SqliteRunner(path, what="budgets", inline=True)
+        self._pruned_at_ms = 0
 
     @classmethod
     async def open(cls, path: Path, **kwargs: Any) -> SqliteBudgetStore:
@@ -305,6 +314,23 @@ class SqliteBudgetStore:
         pks = {p: period_key(p, now) for p in Period}
         now_ms, exp_ms = _ms(now), _ms(expires)
 
+        values = ", ".join("(?, ?)" for _ in pairs)
+        # One read for every applicable budget, its spend and its live reservations in the
+        # current period (the expired ones are deleted just before, in the same transaction).
+        check_sql = (
+            "WITH b AS (SELECT id, limit_micros, CASE period WHEN 'daily' THEN ? "
+            "WHEN 'monthly' THEN ? ELSE ? END AS pk FROM budgets "
+            f"WHERE (scope, scope_id) IN (VALUES {values})) "
+            "SELECT b.id, b.pk, b.limit_micros, "
+            "COALESCE((SELECT s.spent_micros FROM budget_spend s "
+            "WHERE s.budget_id = b.id AND s.period_key = b.pk), 0), "
+            "(SELECT COALESCE(SUM(r.amount_micros), 0) FROM budget_reservations r "
+            "WHERE r.budget_id = b.id AND r.period_key = b.pk AND r.request_id != ?) "
+            "FROM b ORDER BY b.id"
+        )
+        check_args = [pks[Period.DAILY], pks[Period.MONTHLY], pks[Period.LIFETIME],
+                      *[x for pair in pairs for x in pair], request_id]
+
         def fn(conn: sqlite3.Connection) -> tuple[Any, ...]:
             with immediate(conn):
                 if conn.execute(
@@ -312,21 +338,12 @@ class SqliteBudgetStore:
                 ).fetchone():
                     return ("settled",)
                 conn.execute("DELETE FROM budget_reservations WHERE expires_at_ms <= ?", (now_ms,))
-                values = ", ".join("(?, ?)" for _ in pairs)
-                rows = conn.execute(
-                    f"SELECT * FROM budgets WHERE (scope, scope_id) IN (VALUES {values}) "
-                    "ORDER BY id",
-                    [x for pair in pairs for x in pair],
-                ).fetchall()
                 targets: list[tuple[str, str]] = []
-                for row in rows:
-                    b = _budget(row)
-                    pk = pks[b.period]
-                    spent = _spent(conn, b.id, pk)
-                    reserved, _ = _reserved(conn, b.id, pk, exclude=request_id)
-                    if spent + reserved + amount_micros > b.limit_micros:
-                        return ("exceeded", b, spent, reserved)
-                    targets.append((b.id, pk))
+                for bid, pk, limit, spent, reserved in conn.execute(check_sql, check_args
+                                                                    ).fetchall():
+                    if spent + reserved + amount_micros > limit:
+                        return ("exceeded", _get(conn, bid), spent, reserved)
+                    targets.append((bid, pk))
                 conn.executemany(
                     "INSERT OR REPLACE INTO budget_reservations (request_id, budget_id, "
                     "period_key, amount_micros, expires_at_ms) VALUES (?, ?, ?, ?, ?)",
@@ -357,6 +374,10 @@ class SqliteBudgetStore:
         rid = reservation.request_id
         thresholds = self._thresholds
 
+        prune = now_ms - self._pruned_at_ms >= 60_000
+        if prune:
+            self._pruned_at_ms = now_ms
+
         def fn(conn: sqlite3.Connection) -> list[BudgetAlert] | None:
             with immediate(conn):
                 cur = conn.execute(
@@ -366,36 +387,38 @@ class SqliteBudgetStore:
                 )
                 if cur.rowcount == 0:
                     return None
-                conn.execute(
-                    "DELETE FROM budget_settled WHERE settled_at_ms < ?",
-                    (now_ms - SETTLED_RETENTION_MS,),
-                )
+                if prune:  # housekeeping: ids only need keeping for SETTLED_RETENTION_MS
+                    conn.execute(
+                        "DELETE FROM budget_settled WHERE settled_at_ms < ?",
+                        (now_ms - SETTLED_RETENTION_MS,),
+                    )
                 conn.execute("DELETE FROM budget_reservations WHERE request_id = ?", (rid,))
                 fired: list[BudgetAlert] = []
                 for rb in reservation.budgets:
                     row = conn.execute(
-                        "SELECT * FROM budgets WHERE id = ?", (rb.budget_id,)
+                        "SELECT limit_micros FROM budgets WHERE id = ?", (rb.budget_id,)
                     ).fetchone()
                     if row is None:
                         continue  # deleted while the call ran
-                    b = _budget(row)
+                    limit = row[0]
                     spent = conn.execute(
                         "INSERT INTO budget_spend (budget_id, period_key, spent_micros) "
                         "VALUES (?, ?, ?) ON CONFLICT (budget_id, period_key) DO UPDATE "
                         "SET spent_micros = spent_micros + excluded.spent_micros "
                         "RETURNING spent_micros",
-                        (b.id, rb.period_key, actual_micros),
+                        (rb.budget_id, rb.period_key, actual_micros),
                     ).fetchone()[0]
                     for thr in thresholds:
-                        if spent <= 0 or spent * 100 < b.limit_micros * thr:
+                        if spent <= 0 or spent * 100 < limit * thr:
                             continue
                         mark = conn.execute(
                             "INSERT OR IGNORE INTO budget_alert_marks (budget_id, period_key, "
                             "threshold) VALUES (?, ?, ?)",
-                            (b.id, rb.period_key, thr),
+                            (rb.budget_id, rb.period_key, thr),
                         )
                         if mark.rowcount == 0:
                             continue
+                        b = _get(conn, rb.budget_id)
                         alert = BudgetAlert(
                             budget_id=b.id, budget_name=b.name, scope=b.scope,
                             scope_id=b.scope_id, period=b.period, period_key=rb.period_key,

@@ -20,6 +20,16 @@ other compatible server gets the widely supported ``max_tokens``.
 A stream counts as complete once a choice reported its ``finish_reason``; the
 SDK swallows the ``[DONE]`` line, so that is the terminal event we can see.  A
 stream that ends without one raises ``ConnectionLost`` with the partial text.
+
+Hot path: requests go through the SDK's generic ``client.post`` (its documented
+way to call an endpoint) with the body already serialised by orjson, rather
+than ``client.chat.completions.create``.  ``create`` runs every parameter
+through the SDK's TypedDict transform, which for the plain JSON values built
+here is the identity and cost about as much CPU as the whole HTTP exchange
+(measured: 1.9 ms against 0.8 ms per call).  The client, its headers, auth,
+timeouts and error mapping are the same.  A non-streamed answer is read as
+bytes and parsed with orjson into plain dicts, checked field by field, instead
+of being built into the SDK's pydantic models we would only copy out of.
 """
 
 from __future__ import annotations
@@ -29,7 +39,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
-from openai import AsyncOpenAI
+import orjson
+from openai import AsyncOpenAI, AsyncStream
+from openai.types import Completion
+from openai.types.chat import ChatCompletionChunk
 
 from conclave.config import ModelSpec, ProviderSpec, Settings
 from conclave.errors import BadProviderRequest, ConnectionLost, MalformedResponse
@@ -84,6 +97,35 @@ def usage_from(usage: Any) -> Usage | None:
         output_tokens=usage.completion_tokens or 0,
         cached_input_tokens=cached,
     )
+
+
+def _int(value: Any) -> int:
+    """A token count from a JSON body: a non-negative int, else a MalformedResponse."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"token count {value!r}")
+    return value
+
+
+def usage_from_json(usage: Any) -> Usage:
+    """``usage`` of a JSON body → Usage (missing usage: zero, as the SDK path had it)."""
+    if usage is None:
+        return Usage()
+    details = usage.get("prompt_tokens_details") or {}
+    return Usage(
+        input_tokens=_int(usage.get("prompt_tokens")),
+        output_tokens=_int(usage.get("completion_tokens")),
+        cached_input_tokens=_int(details.get("cached_tokens")),
+    )
+
+
+def _str(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
 
 
 def messages_to_openai(messages: list[Message]) -> list[dict[str, Any]]:
@@ -150,6 +192,11 @@ def base_prompt(request: ChatRequest) -> tuple[str, list[str]]:
     if raw is not None:
         return raw, []
     return completion_prompt(request.messages)
+
+
+def _body(params: dict[str, Any]) -> bytes:
+    """The JSON request body (the SDK sends ``content`` as it is, as application/json)."""
+    return orjson.dumps(params)
 
 
 class _ToolCallAccumulator:
@@ -260,7 +307,8 @@ class OpenAICompatProvider(Provider):
         if request.seed is not None:
             params["seed"] = request.seed
         if schema is not None:
-            params["extra_body"] = {"json_schema": schema}
+            # llama.cpp's body field (not part of OpenAI's API): turned into a grammar
+            params["json_schema"] = schema
         return params
 
     # -- calls ------------------------------------------------------------------------
@@ -269,37 +317,49 @@ class OpenAICompatProvider(Provider):
                        ) -> ChatResponse:
         client, ctx = await self._client(privacy)
         with ErrorBoundary(ctx):
-            if model.kind == "base":
-                comp = await client.completions.create(**self._completion_params(model, request))
-                if not comp.choices:
-                    raise MalformedResponse(f"{self.name} returned no choices",
-                                            provider=self.name)
-                choice = comp.choices[0]
-                return ChatResponse(
-                    id=comp.id or "", text=choice.text or "",
-                    stop_reason=stop_reason(choice.finish_reason),
-                    usage=usage_from(comp.usage) or Usage(), model=model.name,
-                    provider=self.name, tier=model.tier,
-                )
-            resp = await client.chat.completions.create(**self._chat_params(model, request))
-            if not resp.choices:
-                raise MalformedResponse(f"{self.name} returned no choices", provider=self.name)
-            chat_choice = resp.choices[0]
-            message = chat_choice.message
-            calls = []
-            for i, tc in enumerate(message.tool_calls or []):
-                fn = getattr(tc, "function", None)
-                if fn is None:
-                    continue
-                args, raw = parse_arguments(fn.arguments)
-                calls.append(ToolCall(id=tc.id or f"call_{i}", name=fn.name, arguments=args,
-                                      raw_arguments=raw))
+            base = model.kind == "base"
+            params = (self._completion_params(model, request) if base
+                      else self._chat_params(model, request))
+            raw = await client.post("/completions" if base else "/chat/completions",
+                                    cast_to=httpx2.Response, content=_body(params))
+            try:
+                data = orjson.loads(raw.content)
+                return self._parse(data, model, base)
+            except (orjson.JSONDecodeError, TypeError, AttributeError, KeyError,
+                    IndexError, ValueError) as exc:
+                raise MalformedResponse(
+                    f"{self.name} sent a response that does not match its API "
+                    f"({type(exc).__name__})", provider=self.name,
+                    status_code=raw.status_code) from None
+
+    def _parse(self, data: Any, model: ModelSpec, base: bool) -> ChatResponse:
+        if not isinstance(data, dict):
+            raise TypeError("the body is not a JSON object")
+        choices = data.get("choices")
+        if not choices:
+            raise MalformedResponse(f"{self.name} returned no choices", provider=self.name)
+        choice = choices[0]
+        usage = usage_from_json(data.get("usage"))
+        reason = stop_reason(choice.get("finish_reason"))
+        if base:
             return ChatResponse(
-                id=resp.id or "", text=message.content or "", tool_calls=calls,
-                stop_reason=stop_reason(chat_choice.finish_reason),
-                usage=usage_from(resp.usage) or Usage(), model=model.name,
-                provider=self.name, tier=model.tier,
-            )
+                id=_str(data.get("id")), text=_str(choice.get("text")), stop_reason=reason,
+                usage=usage, model=model.name, provider=self.name, tier=model.tier)
+        message = choice.get("message") or {}
+        calls = []
+        for i, tc in enumerate(message.get("tool_calls") or []):
+            fn = tc.get("function")
+            if fn is None:
+                continue
+            args, raw_args = parse_arguments(fn.get("arguments"))
+            calls.append(ToolCall(id=_str(tc.get("id")) or f"call_{i}",
+                                  name=_str(fn.get("name")), arguments=args,
+                                  raw_arguments=raw_args))
+        return ChatResponse(
+            id=_str(data.get("id")), text=_str(message.get("content")), tool_calls=calls,
+            stop_reason=reason, usage=usage, model=model.name, provider=self.name,
+            tier=model.tier,
+        )
 
     async def stream(self, model: ModelSpec, request: ChatRequest, *, privacy: bool
                      ) -> AsyncIterator[StreamChunk]:
@@ -309,14 +369,19 @@ class OpenAICompatProvider(Provider):
         try:
             with boundary:
                 base = model.kind == "base"
+                params = (self._completion_params(model, request) if base
+                          else self._chat_params(model, request))
+                params["stream"] = True
+                params["stream_options"] = {"include_usage": True}
                 if base:
-                    upstream = await client.completions.create(
-                        **self._completion_params(model, request), stream=True,
-                        stream_options={"include_usage": True})
+                    upstream = await client.post(
+                        "/completions", cast_to=Completion, content=_body(params),
+                        stream=True, stream_cls=AsyncStream[Completion])
                 else:
-                    upstream = await client.chat.completions.create(
-                        **self._chat_params(model, request), stream=True,
-                        stream_options={"include_usage": True})
+                    upstream = await client.post(
+                        "/chat/completions", cast_to=ChatCompletionChunk,
+                        content=_body(params), stream=True,
+                        stream_cls=AsyncStream[ChatCompletionChunk])
                 tools = _ToolCallAccumulator()
                 finish: str | None = None
                 usage: Usage | None = None
