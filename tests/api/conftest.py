@@ -187,13 +187,14 @@ class Server:
                 self.proc.wait(5)
 
 
-def start_servers(env: dict[str, str], n: int, tmp: Path) -> list[Server]:
+def start_servers(env: dict[str, str], n: int, tmp: Path, log_level: str = "warning"
+                  ) -> list[Server]:
     servers = []
     for i in range(n):
         port = free_port()
         log = tmp / f"server-{i}.log"
         proc = subprocess.Popen(
-            [CONCLAVE, "serve", "--port", str(port), "--log-level", "warning"],
+            [CONCLAVE, "serve", "--port", str(port), "--log-level", log_level],
             env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)
         servers.append(Server(proc, f"http://127.0.0.1:{port}", log))
@@ -218,11 +219,11 @@ def servers_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[Server] = []
     backends_used: list[Backends] = []
 
-    def make(upstream_url: str, backends: Backends, n: int = 1, **extra: str
-             ) -> tuple[list[Server], dict[str, str]]:
+    def make(upstream_url: str, backends: Backends, n: int = 1, log_level: str = "warning",
+             **extra: str) -> tuple[list[Server], dict[str, str]]:
         env = server_env(tmp_path, upstream_url, backends, **extra)
         backends_used.append(backends)
-        servers = start_servers(env, n, tmp_path)
+        servers = start_servers(env, n, tmp_path, log_level)
         started.extend(servers)
         return servers, env
 

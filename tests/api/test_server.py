@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import uuid
 from pathlib import Path
@@ -55,7 +56,7 @@ async def inspect(env: dict[str, str], budget_id: str | None = None) -> tuple[in
 
 
 async def test_openai_sdk_is_a_client(upstream: Upstream, servers_factory):
-    (server,), env = servers_factory(upstream.url, Backends.embedded())
+    (server,), env = servers_factory(upstream.url, Backends.embedded(), log_level="info")
     key = conclave_cli(env, "keys", "create", "--admin")["key"]
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
     try:
@@ -94,6 +95,14 @@ async def test_openai_sdk_is_a_client(upstream: Upstream, servers_factory):
                                               messages=[{"role": "user", "content": "x"}])
     finally:
         await client.close()
+    # Structured access logs: one JSON object per request, no secrets, no prompts.
+    lines = [json.loads(x) for x in server.log.read_text().splitlines() if x.startswith("{")]
+    access = [x for x in lines if x.get("logger") == "conclave.access"]
+    assert {x["route"] for x in access} >= {"/v1/chat/completions", "/v1/completions"}
+    assert all(x["request_id"] for x in access)
+    text = server.log.read_text()
+    for secret in (key, "sk-upstream-secret-value", "Capital of France", "Paris."):
+        assert secret not in text
     spend = conclave_cli(env, "spend", "--by", "model")
     row = next(r for r in spend["rows"] if r["key"] == MODEL)
     assert row["count"] == 3 and row["cost_micros"] == 3 * CALL_MICROS
