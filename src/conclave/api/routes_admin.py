@@ -164,6 +164,8 @@ async def spend(request: Request, by: str = "model", since: datetime | None = No
     if group not in SPEND_GROUPS:
         raise InvalidRequest(f"cannot break spend down by {by!r}",
                              hint=f"use one of: key, {', '.join(SPEND_GROUPS)}")
+    # Read your own writes: records of this replica still queued (<= 50 ms) are included.
+    await state.accounting.ledger.flush()
     rows = await state.accounting.ledger.spend(group, LedgerQuery(since=since, until=until))
     return json_response({"by": by, "data": [r.model_dump(mode="json") | {
         "cost_usd": usd(r.cost_micros)} for r in rows]})
