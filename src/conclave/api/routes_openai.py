@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -204,6 +204,13 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     return await _serve(request, "/v1/completions", oa.completion_request,
                         oa.completion_response, _completion_events)
+
+
+#: POST endpoints that take only the raw request: app.HotRoutes serves them directly
+HOT_ROUTES: dict[str, Callable[[Request], Awaitable[Response]]] = {
+    "/v1/chat/completions": chat_completions,
+    "/v1/completions": completions,
+}
 
 
 @router.get("/v1/models")

@@ -3,10 +3,14 @@
 
 Each app gets its own registry, so several servers (or tests) in one process
 never share counters.  Labels stay low-cardinality: route templates and model
-names, never user ids or request ids.
+names, never user ids or request ids.  Because they are, the labelled children
+are kept in dicts after their first use: ``labels()`` validates and locks on
+every call, which on the per-request path cost more than the increments.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -50,15 +54,40 @@ class Metrics:
             "(budget_exceeded, rate_limit_exceeded, backend_unavailable, ...).", ["reason"],
             registry=r)
 
+        self._http: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._calls: dict[tuple[str, str, str], Any] = {}
+        self._models: dict[str, tuple[Any, ...]] = {}
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._http.get(key)
+        if children is None:
+            children = self._http[key] = (
+                self.http_requests.labels(route, method, str(status)),
+                self.http_duration.labels(route, method))
+        children[0].inc()
+        children[1].observe(seconds)
+
     def observe_call(self, resp: ChatResponse, outcome: str) -> None:
-        self.llm_calls.labels(resp.model, resp.provider, outcome).inc()
-        self.llm_tokens.labels(resp.model, "input").inc(resp.usage.input_tokens)
-        self.llm_tokens.labels(resp.model, "output").inc(resp.usage.output_tokens)
+        key = (resp.model, resp.provider, outcome)
+        calls = self._calls.get(key)
+        if calls is None:
+            calls = self._calls[key] = self.llm_calls.labels(*key)
+        per_model = self._models.get(resp.model)
+        if per_model is None:
+            m = resp.model
+            per_model = self._models[m] = (
+                self.llm_tokens.labels(m, "input"), self.llm_tokens.labels(m, "output"),
+                self.llm_cost.labels(m), self.llm_latency.labels(m), self.llm_ttft.labels(m))
+        tokens_in, tokens_out, cost, latency, ttft = per_model
+        calls.inc()
+        tokens_in.inc(resp.usage.input_tokens)
+        tokens_out.inc(resp.usage.output_tokens)
         if resp.cost_usd:
-            self.llm_cost.labels(resp.model).inc(resp.cost_usd)
-        self.llm_latency.labels(resp.model).observe(resp.latency_ms / 1000)
+            cost.inc(resp.cost_usd)
+        latency.observe(resp.latency_ms / 1000)
         if resp.ttft_ms is not None:
-            self.llm_ttft.labels(resp.model).observe(resp.ttft_ms / 1000)
+            ttft.observe(resp.ttft_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
