@@ -204,11 +204,12 @@ def _targets(node: ast.Import | ast.ImportFrom, package: str,
         sub = f"{module}.{alias.name}"
         if alias.name != "*" and sub in universe:
             out.append((sub, None))
+        elif module in universe:
+            out.append((module, None))
+        elif node.level:  # a relative import must land inside the scanned tree
+            out.append(("", f"no module {module!r} in the scanned files"))
         else:
             out.append((_resolve_absolute(module, universe), None))
-    # a relative import must land inside the scanned tree; say so when it does not
-    if node.level and all(t not in universe for t, _ in out):
-        return [("", f"no module {module!r} in the scanned files")]
     return list(dict.fromkeys(out))
 
 
