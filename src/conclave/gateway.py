@@ -251,6 +251,7 @@ class _Call:
         self.reservation: Reservation | None = None
         self.managed: ManagedStream | None = None
         self._done = False
+        self._spent: int | None = None
 
     def scopes(self) -> list[Any]:
         from conclave.accounting.budgets import GLOBAL, Scope, ScopeRef
@@ -310,6 +311,7 @@ class _Call:
             return
         with anyio.CancelScope(shield=True):
             spent = to_micros(self.gw.cost_of(response)) if response.model else 0
+            self._spent = spent  # the ledger record's cost: priced once per call
             if self.reservation is not None:
                 try:
                     await acc.budgets.settle(self.reservation, spent)
@@ -361,8 +363,9 @@ class _Call:
             cached_input_tokens=usage.cached_input_tokens if usage else 0,
             cache_write_tokens=usage.cache_write_tokens if usage else 0,
             tokens_estimated=usage.estimated if usage else False,
-            cost_micros=to_micros(self.gw.cost_of(response)) if response and response.model
-            else 0,
+            cost_micros=(self._spent if self._spent is not None
+                         else to_micros(self.gw.cost_of(response)))
+            if response and response.model else 0,
             latency_ms=int((time.perf_counter() - self.t0) * 1000),
             ttft_ms=int(response.ttft_ms) if response and response.ttft_ms is not None else None,
             outcome=outcome,

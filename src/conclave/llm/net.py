@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
@@ -119,22 +120,43 @@ def _limits() -> dict[str, Any]:
     return {"max_connections": 200, "max_keepalive_connections": 50, "keepalive_expiry": 30.0}
 
 
-def httpx2_client(*, privacy: bool, timeout: float, connect_timeout: float) -> httpx2.AsyncClient:
-    """Client for the official ``openai``/``anthropic`` SDKs (they are built on httpx2)."""
+def stock_httpx2_transport(*, privacy: bool) -> httpx2.AsyncHTTPTransport:
+    """httpx2's own transport (httpcore2), guarded in privacy mode: what
+    :class:`conclave.llm.http1.Http1Transport` hands the requests it does not serve."""
     limits = httpx2.Limits(**_limits())
+    transport = httpx2.AsyncHTTPTransport(limits=limits, trust_env=not privacy)
+    if privacy:
+        # Replace the pool with one whose backend vets addresses (documented extension point).
+        transport._pool = httpcore2.AsyncConnectionPool(
+            ssl_context=transport._pool._ssl_context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardBackend2(),
+        )
+    return transport
+
+
+def _env_proxies() -> bool:
+    return any(k in ("http", "https", "all") for k in urllib.request.getproxies())
+
+
+def httpx2_client(*, privacy: bool, timeout: float, connect_timeout: float) -> httpx2.AsyncClient:
+    """Client for the official ``openai``/``anthropic`` SDKs (they are built on httpx2).
+
+    Its transport is :class:`conclave.llm.http1.Http1Transport` (a lean HTTP/1.1
+    pool that enforces the privacy guard itself), except when the environment
+    names an HTTP proxy outside privacy mode: httpx2 honours proxies only with its
+    own transports.
+    """
+    from conclave.llm.http1 import Http1Transport
+
+    limits = _limits()
     to = httpx2.Timeout(timeout, connect=connect_timeout)
-    if not privacy:
-        return httpx2.AsyncClient(timeout=to, limits=limits)
-    transport = httpx2.AsyncHTTPTransport(limits=limits, trust_env=False)
-    # Replace the pool with one whose backend vets addresses (documented extension point).
-    transport._pool = httpcore2.AsyncConnectionPool(
-        ssl_context=transport._pool._ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=GuardBackend2(),
-    )
-    return httpx2.AsyncClient(timeout=to, transport=transport, trust_env=False)
+    if not privacy and _env_proxies():
+        return httpx2.AsyncClient(timeout=to, limits=httpx2.Limits(**limits))
+    transport = Http1Transport(privacy=privacy, trust_env=not privacy, **limits)
+    return httpx2.AsyncClient(timeout=to, transport=transport, trust_env=not privacy)
 
 
 def httpx_client(*, privacy: bool, timeout: float, connect_timeout: float,
