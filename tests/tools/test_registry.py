@@ -496,3 +496,40 @@ async def test_schema_tool_checks_structure_and_runs_the_handler() -> None:
     assert "- `labels[1]`: expected string; got 3" in bad.content
     assert "- `extra`: unexpected argument" in bad.content
     assert len(seen) == 1
+
+
+async def test_tool_call_schema_for_constrained_decoding() -> None:
+    from conclave.tools.schema import check_json
+
+    registry = ToolRegistry()
+
+    @registry.tool(namespace="shop")
+    def place(order: Order) -> str:
+        """Place."""
+        return order.customer
+
+    @registry.tool
+    def ping() -> str:
+        """Ping."""
+        return "pong"
+
+    schema = registry.tool_call_schema()
+    assert "$ref" not in json.dumps(schema)
+    assert [v["properties"]["name"] for v in schema["anyOf"]] == [{"const": "ping"},
+                                                                  {"const": "shop__place"}]
+    good = {"name": "shop__place",
+            "arguments": {"order": {"customer": "c", "items": [{"name": "tea", "qty": 2}]}}}
+    assert check_json(good, schema) == []
+    assert check_json({"name": "ping", "arguments": {}}, schema) == []
+    assert check_json({"name": "shop__drop", "arguments": {}}, schema) != []
+    wrong = check_json({"name": "shop__place", "arguments": {"order": {"customer": "c"}}},
+                       schema)
+    assert len(wrong) == 1 and "closest: `arguments.order.items`: required argument is " \
+        "missing" in wrong[0]
+    # what decodes under the schema runs
+    result = await registry.call(ToolCall(id="1", name=good["name"], arguments=good["arguments"]))
+    assert result.content == "c"
+    only = registry.tool_call_schema("shop")
+    assert only["properties"]["name"] == {"const": "shop__place"}
+    with pytest.raises(ToolDefinitionError, match="no tools match"):
+        registry.tool_call_schema("nothing")

@@ -275,6 +275,31 @@ def test_parameter_names_that_clash_with_pydantic_keep_their_name() -> None:
     assert odd(*args, **kwargs) == "s|5|True"
 
 
+def test_field_defaults_and_private_names() -> None:
+    @tool
+    def cfg(schema: str = Field("x", description="which schema", max_length=3),
+            items: list[int] = Field(default_factory=list), _level: int = 2) -> str:
+        """Configure.
+
+        Args:
+            items: the items.
+        """
+        return f"{schema}|{items}|{_level}"
+
+    assert cfg.parameters_schema() == {
+        "additionalProperties": False,
+        "properties": {
+            "schema": {"default": "x", "description": "which schema", "maxLength": 3,
+                       "type": "string"},
+            "items": {"description": "the items.", "items": {"type": "integer"},
+                      "type": "array"},
+            "_level": {"default": 2, "type": "integer"}},
+        "type": "object"}
+    assert cfg(*cfg.prepare({})[0], **cfg.prepare({})[1]) == "x|[]|2"
+    args, kwargs = cfg.prepare({"schema": "abc", "items": [1], "_level": 5})
+    assert cfg(*args, **kwargs) == "abc|[1]|5"
+
+
 def test_positional_only_parameters_are_passed_positionally() -> None:
     @tool
     def pos(a: int, /, b: int, *, c: int = 0) -> str:

@@ -247,6 +247,38 @@ class ToolRegistry:
         return [t.anthropic_schema(inline_refs=inline_refs)
                 for t in self.tools(namespace, names=names)]
 
+    def tool_call_schema(self, namespace: str | Sequence[str] | None = None, *,
+                         names: Iterable[str] | None = None) -> dict[str, Any]:
+        """A JSON schema for *one tool call*: ``{"name": ..., "arguments": {...}}``.
+
+        For constrained decoding (llama.cpp ``response_format``/grammar): a weak
+        model decoding under this schema can only produce a call to a
+        registered tool with arguments of the right shape.  Schemas are
+        inlined; definitions that must stay (recursive models) are merged.
+        """
+        variants: list[dict[str, Any]] = []
+        defs: dict[str, Any] = {}
+        for t in self.tools(namespace, names=names):
+            params = t.parameters_schema(inline_refs=True)
+            for key, value in params.pop("$defs", {}).items():
+                if key in defs and defs[key] != value:
+                    raise ToolDefinitionError(
+                        f"two tools define different recursive types named {key!r}",
+                        hint="rename one of the models")
+                defs[key] = value
+            variants.append({"type": "object",
+                             "properties": {"name": {"const": t.wire_name},
+                                            "arguments": params},
+                             "required": ["name", "arguments"],
+                             "additionalProperties": False})
+        if not variants:
+            raise ToolDefinitionError("no tools match, so no tool call is possible",
+                                      hint="register tools or widen the filter")
+        schema: dict[str, Any] = variants[0] if len(variants) == 1 else {"anyOf": variants}
+        if defs:
+            schema = {**schema, "$defs": defs}
+        return schema
+
     # --- calling -------------------------------------------------------------------
 
     async def call(self, call: ToolCall) -> ToolResult:

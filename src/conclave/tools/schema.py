@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
 
 from conclave.tools.errors import StrictSchemaError, ToolDefinitionError
@@ -234,7 +234,7 @@ def build_arguments(func: Callable[..., Any], *, tool_name: str,
             hint="define the types the annotations name at module level, before the function",
         ) from exc
     fields: dict[str, Any] = {}
-    params: list[Param] = []
+    params: list[tuple[inspect.Parameter, str]] = []
     for p in signature.parameters.values():
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             star = "*" if p.kind is inspect.Parameter.VAR_POSITIONAL else "**"
@@ -248,11 +248,9 @@ def build_arguments(func: Callable[..., Any], *, tool_name: str,
                 hint = "make the tool from the bound method: tool(instance.method)"
             raise ToolDefinitionError(f"{where}: parameter {p.name!r} has no type annotation",
                                       hint=hint)
-        annotation = hints[p.name]
         field_name = _field_name(p.name, set(signature.parameters) | set(fields))
-        info = _field_info(annotation, p, param_docs.get(p.name), field_name)
-        fields[field_name] = (annotation, info)
-        params.append(Param(p.name, field_name, p.kind, required=info.is_required()))
+        fields[field_name] = _field(hints[p.name], p, param_docs.get(p.name), field_name)
+        params.append((p, field_name))
     try:
         model = pydantic.create_model(  # type: ignore[call-overload]
             f"{_camel(tool_name)}Arguments", __config__=_MODEL_CONFIG, **fields)
@@ -264,32 +262,35 @@ def build_arguments(func: Callable[..., Any], *, tool_name: str,
             hint="use JSON-friendly types: str, int, float, bool, list, dict, Literal, Enum, "
                  "pydantic models, dataclasses, typing_extensions.TypedDict",
         ) from exc
-    return Arguments(model, tuple(params))
+    return Arguments(model, tuple(
+        Param(p.name, name, p.kind, required=model.model_fields[name].is_required())
+        for p, name in params))
 
 
-def _field_info(annotation: Any, p: inspect.Parameter, doc: str | None,
-                field_name: str) -> FieldInfo:
-    """The FieldInfo for one parameter: its default, alias and description."""
-    described = any(isinstance(m, FieldInfo) and m.description
-                    for m in _annotated_metadata(annotation))
+def _field(annotation: Any, p: inspect.Parameter, doc: str | None,
+           field_name: str) -> tuple[Any, FieldInfo]:
+    """``(annotation, FieldInfo)`` for one parameter: its default, alias and description.
+
+    A ``Field(...)`` used as the parameter's default moves into the annotation
+    (``Annotated[T, Field(...)]``), where pydantic keeps its default and
+    constraints, so the outer FieldInfo can still add the alias and the
+    docstring's description.
+    """
+    default = p.default
+    metadata = _annotated_metadata(annotation)
+    if isinstance(default, FieldInfo):
+        annotation = Annotated[annotation, default]
+        metadata = (*metadata, default)
+        default = inspect.Parameter.empty
+    described = any(isinstance(m, FieldInfo) and m.description for m in metadata)
     kwargs: dict[str, Any] = {}
     if field_name != p.name:
         kwargs["alias"] = p.name
     if doc and not described:
         kwargs["description"] = doc
-    default = p.default
-    if isinstance(default, FieldInfo):
-        info = copy.copy(default)
-        if kwargs.get("description") and not info.description:
-            info.description = kwargs["description"]
-        if "alias" in kwargs:
-            info.alias = kwargs["alias"]
-            info.validation_alias = kwargs["alias"]
-            info.serialization_alias = kwargs["alias"]
-        return info
-    if default is inspect.Parameter.empty:
-        return pydantic.Field(**kwargs)  # type: ignore[no-any-return]
-    return pydantic.Field(default, **kwargs)  # type: ignore[no-any-return]
+    if default is not inspect.Parameter.empty:
+        kwargs["default"] = default
+    return annotation, pydantic.Field(**kwargs)
 
 
 def _annotated_metadata(annotation: Any) -> tuple[Any, ...]:
@@ -323,15 +324,6 @@ def _camel(name: str) -> str:
 
 def _qualname(func: Callable[..., Any]) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-
-
-def accepts_none(annotation: Any) -> bool:
-    """True when ``None`` validates against ``annotation``."""
-    try:
-        TypeAdapter(annotation).validate_python(None)
-    except pydantic.ValidationError:
-        return False
-    return True
 
 
 # --- schema walking ---------------------------------------------------------------------
@@ -714,13 +706,20 @@ def check_json(value: Any, schema: dict[str, Any]) -> list[str]:
         here = path or "arguments"
         branches = node.get("anyOf") or node.get("oneOf")
         if isinstance(branches, list) and branches:
+            attempts: list[list[str]] = []
             for branch in branches:
                 before = len(problems)
                 check(v, branch, path, depth + 1)
                 if len(problems) == before:
                     return
+                attempts.append(problems[before:])
                 del problems[before:]
-            problems.append(f"`{here}`: expected {describe_type(node, schema)}; got {_brief(v)}")
+            if len(branches) == 1:
+                problems.extend(attempts[0])
+                return
+            closest = min(attempts, key=len)
+            problems.append(f"`{here}`: matches none of the {len(branches)} allowed forms; "
+                            f"closest: {'; '.join(closest[:3])}")
             return
         if "enum" in node and v not in node["enum"]:
             allowed = ", ".join(json.dumps(x) for x in node["enum"][:12])

@@ -304,6 +304,10 @@ class FunctionTool(Tool):
             values = self.arguments.model.model_validate(cleaned)
         except pydantic.ValidationError as exc:
             raise InvalidArguments(validation_message(self, exc)) from exc
+        except Exception as exc:  # a custom validator raising something pydantic does not wrap
+            raise InvalidArguments(
+                f"Invalid arguments for tool `{self.wire_name}`: {type(exc).__name__}: {exc}\n"
+                f"Expected arguments: {self.signature_text()}.") from exc
         return self.arguments.bind(values)
 
     async def invoke(self, prepared: tuple[list[Any], dict[str, Any]],
