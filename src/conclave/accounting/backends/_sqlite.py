@@ -26,11 +26,11 @@ thread, which waits for the lock as before.  Callers' functions are whole
 transactions, so running one again after a rollback is safe.  The inline
 connection never checkpoints the WAL itself (a checkpoint syncs to disk): the
 connection thread runs one every ``checkpoint_every`` inline calls, off the event
-loop, in RESTART mode.  That mode holds the write lock while it copies, so the
-checkpoint completes even under a steady stream of writes (which then wait for
-it on the connection thread) and the next write starts the WAL over; a passive
-checkpoint racing the writers would never complete and let the WAL grow
-without bound.
+loop, in RESTART mode, and until it is done calls queue on the connection thread
+behind it instead of running inline.  So the checkpoint completes even under a
+steady stream of writes, however busy the machine, and the next write starts
+the WAL over; a passive checkpoint racing inline writers would rarely complete
+and let the WAL grow without bound.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class SqliteRunner:
                 hint="open it before use; it may have been closed at shutdown",
             )
         inline = self._inline
-        if inline is not None:
+        if inline is not None and not self._checkpointing:
             # Concurrent calls from this process carry no order between them (each caller
             # awaits its own), so an inline call may run while the thread works on another:
             # the two connections lock each other out like two processes would.

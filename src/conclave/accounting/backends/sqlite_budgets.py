@@ -20,14 +20,15 @@ on every settle.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from conclave.accounting._common import Clock, utc_now
+from conclave.accounting._common import Clock, as_utc, utc_now
 from conclave.accounting.backends._sqlite import SqliteRunner, immediate
 from conclave.accounting.backends.sqlite import parse_ts, ts
 from conclave.accounting.budgets import (
@@ -142,6 +143,24 @@ def _spent(conn: sqlite3.Connection, budget_id: str, pk: str) -> int:
     return int(row[0]) if row else 0
 
 
+@functools.lru_cache(maxsize=16)
+def _check_sql(n_scopes: int) -> str:
+    """One read for every applicable budget, its spend and its live reservations in the
+    current period (the expired ones are deleted just before, in the same transaction)."""
+    values = ", ".join("(?, ?)" for _ in range(n_scopes))
+    return (
+        "WITH b AS (SELECT id, limit_micros, CASE period WHEN 'daily' THEN ? "
+        "WHEN 'monthly' THEN ? ELSE ? END AS pk FROM budgets "
+        f"WHERE (scope, scope_id) IN (VALUES {values})) "
+        "SELECT b.id, b.pk, b.limit_micros, "
+        "COALESCE((SELECT s.spent_micros FROM budget_spend s "
+        "WHERE s.budget_id = b.id AND s.period_key = b.pk), 0), "
+        "(SELECT COALESCE(SUM(r.amount_micros), 0) FROM budget_reservations r "
+        "WHERE r.budget_id = b.id AND r.period_key = b.pk AND r.request_id != ?) "
+        "FROM b ORDER BY b.id"
+    )
+
+
 def _reserved(
     conn: sqlite3.Connection, budget_id: str, pk: str, exclude: str = ""
 ) -> tuple[int, int]:
@@ -172,6 +191,15 @@ class SqliteBudgetStore:
         self._clock = clock
         self._db = SqliteRunner(path, what="budgets", inline=True)
         self._pruned_at_ms = 0
+        self._pks: tuple[date, dict[Period, str]] | None = None
+
+    def _period_keys(self, now: datetime) -> dict[Period, str]:
+        """The period keys of ``now``, computed once per UTC day."""
+        day = as_utc(now).date()
+        cached = self._pks
+        if cached is None or cached[0] != day:
+            cached = self._pks = (day, {p: period_key(p, now) for p in Period})
+        return cached[1]
 
     @classmethod
     async def open(cls, path: Path, **kwargs: Any) -> SqliteBudgetStore:
@@ -311,23 +339,9 @@ class SqliteBudgetStore:
         expires = now + timedelta(seconds=self._ttl if ttl_s is None else ttl_s)
         refs = list(dict.fromkeys([GLOBAL, *scopes]))
         pairs = [(r.scope.value, r.id) for r in refs]
-        pks = {p: period_key(p, now) for p in Period}
+        pks = self._period_keys(now)
         now_ms, exp_ms = _ms(now), _ms(expires)
-
-        values = ", ".join("(?, ?)" for _ in pairs)
-        # One read for every applicable budget, its spend and its live reservations in the
-        # current period (the expired ones are deleted just before, in the same transaction).
-        check_sql = (
-            "WITH b AS (SELECT id, limit_micros, CASE period WHEN 'daily' THEN ? "
-            "WHEN 'monthly' THEN ? ELSE ? END AS pk FROM budgets "
-            f"WHERE (scope, scope_id) IN (VALUES {values})) "
-            "SELECT b.id, b.pk, b.limit_micros, "
-            "COALESCE((SELECT s.spent_micros FROM budget_spend s "
-            "WHERE s.budget_id = b.id AND s.period_key = b.pk), 0), "
-            "(SELECT COALESCE(SUM(r.amount_micros), 0) FROM budget_reservations r "
-            "WHERE r.budget_id = b.id AND r.period_key = b.pk AND r.request_id != ?) "
-            "FROM b ORDER BY b.id"
-        )
+        check_sql = _check_sql(len(pairs))
         check_args = [pks[Period.DAILY], pks[Period.MONTHLY], pks[Period.LIFETIME],
                       *[x for pair in pairs for x in pair], request_id]
 
