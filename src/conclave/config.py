@@ -268,6 +268,43 @@ class ApiSettings(BaseModel):
     graceful_timeout_s: float = Field(30.0, ge=0)
 
 
+class BusSettings(BaseModel):
+    """The event bus (``CONCLAVE_BUS__*``): in-process by default, NATS JetStream to span processes.
+
+    Topics are relative (``agents.planner.tasks``); on NATS each becomes the
+    subject ``<prefix>.<topic>`` in one stream that holds every subject under the prefix.
+    """
+
+    backend: Literal["memory", "nats"] = "memory"
+    nats_url: str = "nats://127.0.0.1:4222"
+    #: every NATS subject starts with ``<prefix>.``; distinct prefixes keep deployments apart
+    prefix: str = "conclave"
+    #: JetStream stream name; None derives it from the prefix (``conclave`` -> ``CONCLAVE``)
+    stream: str | None = None
+    #: an unacknowledged delivery is given to another consumer after this many seconds
+    #: (handlers that run longer keep their event by sending progress heartbeats)
+    ack_wait_s: float = Field(30.0, gt=0)
+    #: deliveries per event before it goes to the dead-letter topic
+    max_deliver: int = Field(5, ge=1)
+    #: a failed delivery is retried after ``retry_backoff_s * 2**(attempt-1)``, capped
+    retry_backoff_s: float = Field(0.5, ge=0)
+    retry_backoff_max_s: float = Field(30.0, ge=0)
+    #: where dead letters go; ``{topic}`` is replaced by the event's topic
+    dead_letter_topic: str = "dlq.{topic}"
+    request_timeout_s: float = Field(30.0, gt=0)
+    #: ``aclose()`` waits this long for running handlers before cancelling them
+    drain_timeout_s: float = Field(30.0, ge=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    #: how long a NATS operation (publish acknowledgement, consumer setup) may take
+    op_timeout_s: float = Field(5.0, gt=0)
+    #: an event id published again within this window is delivered once
+    dedupe_window_s: float = Field(120.0, ge=0)
+    #: events older than this are dropped from the NATS stream
+    stream_max_age_s: float = Field(7 * 86400.0, gt=0)
+    #: largest serialized event (NATS refuses messages over its max_payload, 1 MiB by default)
+    max_event_bytes: int = Field(1_000_000, ge=1024)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CONCLAVE_",
@@ -291,6 +328,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     accounting: AccountingSettings = Field(default_factory=AccountingSettings)
+    bus: BusSettings = Field(default_factory=BusSettings)
 
     # Provider credentials and endpoints, under the names the providers document.
     openai_api_key: SecretStr | None = Field(

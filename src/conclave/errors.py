@@ -246,3 +246,43 @@ class BackendUnavailable(ConclaveError):
         super().__init__(message, hint=hint)
         self.backend = backend
         self.url = url
+
+
+# --- event bus ------------------------------------------------------------------------
+
+
+class InvalidTopic(InvalidRequest):
+    """A topic, subscription pattern or group name the bus cannot route."""
+
+    code = "invalid_topic"
+
+
+class InvalidEvent(InvalidRequest):
+    """An event that cannot travel: payload not JSON-serializable, or too large."""
+
+    code = "invalid_event"
+
+
+class BusError(ConclaveError):
+    """The event bus could not do what was asked (see the subclasses)."""
+
+    code = "bus_error"
+    http_status = 503
+
+
+class BusClosed(BusError):
+    code = "bus_closed"
+
+
+class RequestTimeout(BusError):
+    """No reply to a bus request arrived in time."""
+
+    code = "bus_request_timeout"
+    http_status = 504
+
+
+class RequestFailed(BusError):
+    """The handler of a bus request failed on every delivery; the event was dead-lettered."""
+
+    code = "bus_request_failed"
+    http_status = 502
