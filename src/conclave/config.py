@@ -268,6 +268,49 @@ class ApiSettings(BaseModel):
     graceful_timeout_s: float = Field(30.0, ge=0)
 
 
+class RagSettings(BaseModel):
+    """Embeddings, the hybrid index and retrieval (``CONCLAVE_RAG__*``).
+
+    The embedded default needs nothing: Qdrant in local mode and the keyword
+    index under ``<data_dir>/rag``, MiniLM embeddings on the CPU.  Scale-out:
+    ``qdrant_url=http://host:6333`` keeps vectors in a Qdrant server (the
+    manifest and keyword index stay under ``index_dir``).
+    """
+
+    #: where indexes live; None means ``<data_dir>/rag``
+    index_dir: Path | None = None
+    #: a Qdrant server; None means embedded local mode under ``index_dir``
+    qdrant_url: str | None = None
+    qdrant_api_key: SecretStr | None = None
+    #: name of the default index (one Qdrant collection plus its keyword side)
+    collection: str = "conclave"
+    #: ``local`` (all-MiniLM-L6-v2 on this machine) or ``<provider>:<model>`` with a catalog
+    #: provider of type openai or ollama, e.g. ``openai:text-embedding-3-small``
+    embedder: str = "local"
+    #: a sentence-transformers model directory for ``local``; None means the bundled MiniLM
+    embedding_model_path: Path | None = None
+    embed_batch_size: int = Field(64, ge=1)
+    #: cache embeddings by content hash so unchanged text is never embedded twice
+    embedding_cache: bool = True
+    #: how many candidates each side (dense, keyword) hands to fusion
+    candidates: int = Field(50, ge=1)
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: int = Field(60, ge=1)
+    #: reranker used when a search asks for reranking
+    reranker: Literal["offline", "cross-encoder", "llm", "none"] = "offline"
+    #: sentence-transformers CrossEncoder weights (a local directory) for ``cross-encoder``
+    cross_encoder_path: Path | None = None
+    #: how many fused candidates the reranker re-scores
+    rerank_top_n: int = Field(30, ge=1)
+    #: the LLM reranker's and multi-query rewriter's tier
+    llm_tier: int = Field(1, ge=0, le=3)
+    #: multi-query: number of rewrites besides the original query
+    multi_query_n: int = Field(3, ge=1, le=10)
+
+    def resolved_index_dir(self, data_dir: Path) -> Path:
+        return self.index_dir if self.index_dir is not None else data_dir / "rag"
+
+
 class BusSettings(BaseModel):
     """The event bus (``CONCLAVE_BUS__*``): in-process by default, NATS JetStream to span processes.
 
@@ -329,6 +372,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     accounting: AccountingSettings = Field(default_factory=AccountingSettings)
     bus: BusSettings = Field(default_factory=BusSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
 
     # Provider credentials and endpoints, under the names the providers document.
     openai_api_key: SecretStr | None = Field(

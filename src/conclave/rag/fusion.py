@@ -1,0 +1,90 @@
+"""Fusing ranked lists from several retrievers into one (pure functions).
+
+A ranking is a sequence of ``(id, score)`` pairs, best first.  Every function
+here is deterministic: duplicates within one ranking keep their first (best)
+occurrence, and equal fused scores are ordered by id, so the same inputs
+always give the same order (a reranker or a cache downstream can rely on it).
+
+* :func:`rrf`: reciprocal rank fusion, ``sum_i w_i / (k + rank_i)``; uses ranks
+  only, so it needs no calibration between a cosine and a BM25 score.
+* :func:`weighted`: per-side min-max normalised scores, summed with weights.
+  A side whose scores are all equal carries no ordering information: it
+  contributes 1 for each of its members when the common score is positive (a
+  lone hit, or ties that all matched) and 0 when it is zero (nothing matched).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["Ranking", "dedupe", "minmax", "rrf", "weighted"]
+
+Ranking = Sequence[tuple[str, float]]
+
+
+def dedupe(ranking: Ranking) -> list[tuple[str, float]]:
+    """The ranking with repeated ids dropped (the first, best-ranked one stays)."""
+    seen: set[str] = set()
+    out: list[tuple[str, float]] = []
+    for item_id, score in ranking:
+        if item_id not in seen:
+            seen.add(item_id)
+            out.append((item_id, float(score)))
+    return out
+
+
+def _ordered(scores: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _weights(n: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} rankings")
+    if any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite and non-negative, got {list(weights)}")
+    return [float(w) for w in weights]
+
+
+def rrf(rankings: Sequence[Ranking], *, k: int = 60,
+        weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion: each list gives ``w / (k + rank)`` (rank from 1) to its ids."""
+    if k < 0:
+        raise ValueError(f"k must be non-negative, got {k}")
+    ws = _weights(len(rankings), weights)
+    fused: dict[str, float] = {}
+    for ranking, w in zip(rankings, ws, strict=True):
+        for rank, (item_id, _) in enumerate(dedupe(ranking), start=1):
+            fused[item_id] = fused.get(item_id, 0.0) + w / (k + rank)
+    return _ordered(fused)
+
+
+def minmax(ranking: Ranking) -> dict[str, float]:
+    """Scores scaled to [0, 1] within one ranking (see the module docstring for ties)."""
+    items = dedupe(ranking)
+    if not items:
+        return {}
+    values = [s for _, s in items if math.isfinite(s)]
+    lo, hi = (min(values), max(values)) if values else (0.0, 0.0)
+    out: dict[str, float] = {}
+    for item_id, s in items:
+        if not math.isfinite(s):
+            out[item_id] = 1.0 if s > 0 else 0.0
+        elif hi > lo:
+            out[item_id] = (s - lo) / (hi - lo)
+        else:
+            out[item_id] = 1.0 if hi > 0 else 0.0
+    return out
+
+
+def weighted(rankings: Sequence[Ranking], *,
+             weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
+    """Weighted sum of per-ranking min-max normalised scores (missing counts as 0)."""
+    ws = _weights(len(rankings), weights)
+    fused: dict[str, float] = {}
+    for ranking, w in zip(rankings, ws, strict=True):
+        for item_id, s in minmax(ranking).items():
+            fused[item_id] = fused.get(item_id, 0.0) + w * s
+    return _ordered(fused)
