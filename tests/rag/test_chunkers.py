@@ -368,3 +368,26 @@ def test_speed_on_real_source_tree(capsys: pytest.CaptureFixture[str]) -> None:
                      f"{len(chunks) / dt:.0f} chunks/s, {chars / dt / 1e6:.2f} MB/s")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_odd_inputs(embed: Callable[[list[str]], Any]) -> None:
+    """A base64 blob, CJK without spaces, one sentence, and no text at all."""
+    import base64
+
+    blob = base64.b64encode(bytes(range(256)) * 12).decode()
+    cjk = "東京は日本の首都です。人口は約千四百万人です。" * 30
+    for text in (f"Attached key:\n\n{blob}\n\nEnd of key.", cjk, "Only one sentence here."):
+        doc = text_doc(text)
+        for chunker in (FixedChunker(64, 8), RecursiveChunker(64),
+                        SemanticChunker(embed, max_tokens=64, min_tokens=8)):
+            chunks = chunker.chunk(doc)
+            check_chunks(doc, chunks)
+            assert all(ntok(c.text) <= 64 for c in chunks), chunker
+    calls: list[int] = []
+    lone = SemanticChunker(lambda t: calls.append(len(t)) or embed(t))
+    assert [c.text for c in lone.chunk(text_doc("Only one sentence here."))] == [
+        "Only one sentence here."]
+    assert calls == []  # nothing to compare, nothing embedded
+    for chunker in (FixedChunker(), RecursiveChunker(), SemanticChunker(embed)):
+        assert chunker.chunk(text_doc("")) == []
+        assert chunker.chunk(text_doc(" \n\n\t ")) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import zipfile
 from datetime import UTC, datetime
@@ -309,3 +310,23 @@ def test_detection_by_content(tmp_path: Path) -> None:
     assert docs["README"].metadata.content_type == "text"
     assert detect(Path("x.tsv"), b"") == ("csv", None)
     assert detect(Path("Dockerfile"), b"FROM debian") == ("code", "dockerfile")
+
+
+def test_gzip_compressed_documents(doc_folder: Path, tmp_path: Path) -> None:
+    """Debian ships docs as README.gz, manual.pdf.gz...: judged by the name inside."""
+    (tmp_path / "README.md.gz").write_bytes(gzip.compress(b"# Read me\n\nFirst steps.\n"))
+    (tmp_path / "report.pdf.gz").write_bytes(
+        gzip.compress((doc_folder / "docs" / "report.pdf").read_bytes()))
+    (tmp_path / "changelog.gz").write_bytes(gzip.compress(b"pkg (1.0) unstable; urgency=low\n"))
+    (tmp_path / "manual.ps.gz").write_bytes(gzip.compress(b"%!PS-Adobe-3.0\n"))
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(b"some text " * 50)[:20])
+    report = load_folder(tmp_path)
+    docs = by_id(report.documents)
+    assert docs["README.md.gz"].metadata.content_type == "markdown"
+    assert docs["README.md.gz"].metadata.title == "Read me"
+    assert [s.page for s in docs["report.pdf.gz"].spans] == [1, 2, 3]
+    assert docs["changelog.gz"].metadata.content_type == "text"
+    assert docs["changelog.gz"].metadata.title == "changelog"
+    reasons = dict(report.skipped)
+    assert reasons["manual.ps.gz"] == "unsupported format: PostScript (convert it to .pdf)"
+    assert reasons["cut.txt.gz"].startswith("not a valid gzip file")

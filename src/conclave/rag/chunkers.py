@@ -139,6 +139,15 @@ class _Tokens:
         """Index of the first token starting at or after ``offset``."""
         return bisect_left(self.starts, offset)
 
+    def inside_word(self, text: str, k: int) -> bool:
+        """Token ``k`` continues the word of token ``k - 1`` (a ``##`` word piece).
+
+        Cutting there would change how both halves tokenize, so cuts avoid it.
+        """
+        if k <= 0 or k >= len(self.starts) or self.starts[k] != self.ends[k - 1]:
+            return False
+        return text[self.starts[k]].isalnum() and text[self.ends[k - 1] - 1].isalnum()
+
 
 # --- configuration --------------------------------------------------------------------
 
@@ -336,15 +345,21 @@ def _split_block(text: str, toks: _Tokens, a: int, b: int, limit: int,
             for x, y in pieces:
                 out.extend(_split_block(text, toks, x, y, limit, kind, level))
             return out
-    return _token_windows(toks, a, b, limit)
+    return _token_windows(text, toks, a, b, limit)
 
 
-def _token_windows(toks: _Tokens, a: int, b: int, limit: int) -> list[tuple[int, int]]:
+def _token_windows(text: str, toks: _Tokens, a: int, b: int,
+                   limit: int) -> list[tuple[int, int]]:
     """Hard cut on token boundaries: one 'word' longer than a chunk (a base64 blob...)."""
     i, j = toks.first_at(a), toks.first_at(b)
     out: list[tuple[int, int]] = []
     while i < j:
         k = min(i + limit, j)
+        back = k
+        while back > i + 1 and toks.inside_word(text, back):
+            back -= 1
+        if not toks.inside_word(text, back):
+            k = back
         out.append((max(a, toks.starts[i]), min(b, toks.ends[k - 1])))
         i = k
     return out or [(a, b)]
@@ -444,10 +459,7 @@ class FixedChunker(_Chunker):
         text = doc.text
 
         def inside_word(k: int) -> bool:
-            """Token ``k`` continues the word of token ``k - 1`` (a ``##`` word piece)."""
-            if k <= 0 or k >= n or toks.starts[k] != toks.ends[k - 1]:
-                return False
-            return text[toks.starts[k]].isalnum() and text[toks.ends[k - 1] - 1].isalnum()
+            return toks.inside_word(text, k)
 
         chunks: list[Chunk] = []
         i = 0

@@ -36,12 +36,18 @@ class LoadError(ConclaveError):
 
 @dataclass
 class FileInfo:
-    """What a loader gets: where the file is and what to call it."""
+    """What a loader gets: where the file is and what to call it.
+
+    For a gzip-compressed file (``README.md.gz``) ``path`` is the name without
+    ``.gz`` (what decides the format and the fallback title) and ``data`` holds
+    the decompressed bytes; otherwise ``data`` is None and loaders read ``path``.
+    """
 
     path: Path
     #: POSIX path relative to the indexed folder: the document id and ``source``
     rel: str
     modified: datetime
+    data: bytes | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ headings) counts as one too.  Tables become one line per row, cells joined by
 
 from __future__ import annotations
 
+import io
 import re
 import zipfile
 from typing import Any
@@ -26,7 +27,8 @@ def load_docx(info: FileInfo) -> Document:
     from docx.text.paragraph import Paragraph
 
     try:
-        document = docx.Document(str(info.path))
+        source = io.BytesIO(info.data) if info.data is not None else str(info.path)
+        document = docx.Document(source)
     except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
         raise LoadError(info.rel, f"not a valid DOCX file ({e or type(e).__name__})",
                         hint="legacy .doc files must be saved as .docx first") from e

@@ -2,15 +2,19 @@
 
 A file's format comes from its extension, else from its first bytes (``%PDF-``,
 a DOCX zip, an HTML doctype, a shebang), else it is plain text unless it looks
-binary.  Every failure, expected or not, becomes a ``(path, reason)`` entry:
-one bad file never stops a batch and never prints a traceback.
+binary.  A ``.gz`` file is read decompressed and judged by the rest of its name
+(Debian ships its documentation as ``README.gz``, ``guide.html.gz``...).
+Every failure, expected or not, becomes a ``(path, reason)`` entry: one bad
+file never stops a batch and never prints a traceback.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +57,13 @@ _UNSUPPORTED = {
     ".odt": "OpenDocument text (save it as .docx)",
     ".rtf": "RTF format (save it as .docx)",
     ".epub": "e-book format (convert it to .html or .pdf)",
+    ".ps": "PostScript (convert it to .pdf)",
+    ".eps": "PostScript (convert it to .pdf)",
+    ".dvi": "TeX DVI output (convert it to .pdf)",
 }
 _BINARY = {
     ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ico", ".svg", ".heic",
-    ".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".rar", ".tar", ".whl", ".jar",
+    ".zip", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".rar", ".tar", ".whl", ".jar",
     ".exe", ".dll", ".so", ".dylib", ".o", ".a", ".class", ".pyc", ".pyo", ".wasm", ".bin",
     ".mp3", ".mp4", ".wav", ".flac", ".ogg", ".mkv", ".mov", ".avi", ".webm",
     ".ttf", ".otf", ".woff", ".woff2", ".sqlite", ".db", ".parquet", ".npy", ".pkl",
@@ -200,17 +207,26 @@ def _load(path: Path, rel: str, max_bytes: int | None) -> Loaded:
                              f"{max_bytes / 1e6:.1f} MB limit)")
     if st.st_size == 0:
         return Loaded()
+    data: bytes | None = None
+    name = path
     try:
-        with path.open("rb") as f:
-            head = f.read(8192)
+        if path.suffix.lower() == ".gz" and len(path.name) > 3:
+            data = _gunzip(path, rel, max_bytes)
+            name = path.with_name(path.name[:-3])
+            head = data[:8192]
+        else:
+            with path.open("rb") as f:
+                head = f.read(8192)
     except OSError as e:
         raise LoadError(rel, f"cannot read file ({e.strerror or e})") from e
+    if data is not None and not data:
+        return Loaded()
     try:
-        kind, language = detect(path, head)
+        kind, language = detect(name, head)
     except LoadError as e:
         raise LoadError(rel, e.reason, hint=e.hint) from None
 
-    info = FileInfo(path=path, rel=rel, modified=file_mtime(path))
+    info = FileInfo(path=name, rel=rel, modified=file_mtime(path), data=data)
     if kind == "pdf":
         from conclave.rag.loaders._pdf import load_pdf
 
@@ -220,8 +236,7 @@ def _load(path: Path, rel: str, max_bytes: int | None) -> Loaded:
 
         return Loaded(documents=[load_docx(info)])
 
-    data = path.read_bytes()
-    text = decode_text(data, rel)
+    text = decode_text(data if data is not None else path.read_bytes(), rel)
     if kind == "jsonl":
         return load_jsonl(info, text)
     if kind == "markdown":
@@ -239,6 +254,19 @@ def _load(path: Path, rel: str, max_bytes: int | None) -> Loaded:
     else:
         doc = load_text(info, text)
     return Loaded(documents=[doc])
+
+
+def _gunzip(path: Path, rel: str, max_bytes: int | None) -> bytes:
+    """The decompressed bytes of a ``.gz`` file, refusing more than ``max_bytes`` of them."""
+    limit = max_bytes if max_bytes is not None else DEFAULT_MAX_BYTES * 4
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise LoadError(rel, f"not a valid gzip file ({e})") from e
+    if len(data) > limit:
+        raise LoadError(rel, f"decompresses to more than {limit / 1e6:.1f} MB")
+    return data
 
 
 def load_path(path: Path, root: Path | None = None) -> list[Document]:

@@ -9,6 +9,7 @@ warning and one that does not load is reported by the folder loader anyway.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ def load_pdf(info: FileInfo) -> Document:
 
     with _quiet_pypdf():
         try:
-            reader = PdfReader(info.path)
+            reader = PdfReader(io.BytesIO(info.data) if info.data is not None else info.path)
             if reader.is_encrypted and not reader.decrypt(""):
                 raise LoadError(info.rel, "encrypted PDF (a password is needed)",
                                 hint="save an unencrypted copy to index it")
