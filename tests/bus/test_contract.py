@@ -236,7 +236,22 @@ async def test_request_whose_handler_always_fails_raises_request_failed(
     await bus.subscribe("fragile.op", broken)
     with pytest.raises(RequestFailed, match="disk full") as info:
         await bus.request("fragile.op", {}, timeout=5)
-    assert "(3)" in str(info.value)
+    assert "delivery 3" in str(info.value)
+
+
+async def test_request_whose_handler_returns_garbage_fails_at_once(bus: EventBus) -> None:
+    calls: list[int] = []
+
+    async def wrong(event: Event) -> str:
+        calls.append(event.attempt)
+        return "a string is not a reply"
+
+    await bus.subscribe("wrong.reply", wrong)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(RequestFailed, match="cannot be sent as a reply"):
+        await bus.request("wrong.reply", {}, timeout=5)
+    assert time.monotonic() - started < 2
+    assert calls == [1]
 
 
 # --- acknowledgements, redelivery, dead letters -----------------------------------------

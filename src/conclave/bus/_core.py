@@ -197,6 +197,7 @@ class BaseBus(ABC):
         self._subscriptions: set[BaseSubscription] = set()
         self._waiters: dict[str, asyncio.Future[Event]] = {}
         self._reply_address: str | None = None
+        self._reply_lock = asyncio.Lock()
         self._closing = False
         self._closed = False
 
@@ -305,8 +306,9 @@ class BaseBus(ABC):
         wait = self.settings.request_timeout_s if timeout is None else timeout
         if wait <= 0:
             raise InvalidRequest(f"request timeout must be positive, got {wait!r}")
-        if self._reply_address is None:
-            self._reply_address = await self._open_reply_address()
+        async with self._reply_lock:
+            if self._reply_address is None:
+                self._reply_address = await self._open_reply_address()
         event = self._build(topic, payload, type=type, headers=headers, correlation_id=None)
         event.correlation_id = event.id
         event.reply_to = self._reply_address
@@ -406,6 +408,13 @@ class BaseBus(ABC):
         if result is not None and event.reply_to is not None:
             try:
                 await self.reply(event, result)  # type: ignore[arg-type]
+            except InvalidEvent as exc:
+                # a bug in the handler, not a transient failure: tell the requester now
+                log.warning("bus: handler for %r returned an unusable reply: %s", event.topic, exc)
+                await self._send_error_reply(
+                    event, f"the handler's return value cannot be sent as a reply: {exc}",
+                    type(exc).__name__,
+                )
             except Exception as exc:
                 log.warning("bus: could not send the reply to %r (%s: %s)",
                             event.topic, type(exc).__name__, exc)
@@ -446,19 +455,23 @@ class BaseBus(ABC):
             return
         log.warning("bus: event %s on %r dead-lettered to %r after %d deliveries: %s",
                     event.id, event.topic, dlq_topic, event.attempt, reason[:200])
-        if event.reply_to is not None:
-            error = Event(
-                topic=event.topic, type=ERROR_REPLY_TYPE,
-                payload={"error": reason[:_MAX_REASON], "error_type": error_type},
-                correlation_id=event.correlation_id or event.id,
-                headers={REPLY_ERROR: reason[:_MAX_REASON], DLQ_ATTEMPTS: str(event.attempt)},
-            )
-            try:
-                await self._send_reply(event.reply_to, error, self._encode(error, check_size=False))
-            except Exception as exc:
-                log.warning("bus: could not send the error reply (%s: %s)",
-                            type(exc).__name__, exc)
+        await self._send_error_reply(event, reason, error_type)
         await _quietly(delivery.term(), "term")
+
+    async def _send_error_reply(self, event: Event, reason: str, error_type: str) -> None:
+        """Tell a waiting requester its request failed for good, so it need not time out."""
+        if event.reply_to is None:
+            return
+        error = Event(
+            topic=event.topic, type=ERROR_REPLY_TYPE,
+            payload={"error": reason[:_MAX_REASON], "error_type": error_type},
+            correlation_id=event.correlation_id or event.id,
+            headers={REPLY_ERROR: reason[:_MAX_REASON], DLQ_ATTEMPTS: str(event.attempt)},
+        )
+        try:
+            await self._send_reply(event.reply_to, error, self._encode(error, check_size=False))
+        except Exception as exc:
+            log.warning("bus: could not send the error reply (%s: %s)", type(exc).__name__, exc)
 
     def _on_reply(self, data: bytes) -> None:
         try:
@@ -471,9 +484,10 @@ class BaseBus(ABC):
             return  # the requester gave up, or another responder answered first
         if REPLY_ERROR in reply.headers:
             future.set_exception(RequestFailed(
-                f"request on {reply.topic!r} failed on every delivery "
-                f"({reply.headers.get(DLQ_ATTEMPTS, '?')}): {reply.headers[REPLY_ERROR]}",
-                hint="the request was dead-lettered; see the handler's error above",
+                f"request on {reply.topic!r} failed (delivery "
+                f"{reply.headers.get(DLQ_ATTEMPTS, '?')}): {reply.headers[REPLY_ERROR]}",
+                hint="see the handler's error; a request that failed on every delivery is "
+                     "in the dead-letter topic",
             ))
         else:
             future.set_result(reply)
