@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
@@ -421,13 +421,9 @@ class _Chunker:
         return f"{type(self).__name__}({fields})"
 
 
-def _make_chunk(doc: Document, start: int, end: int, heading_path: Sequence[str] | None = None,
-                page: int | None = None, *, from_span: bool = False) -> Chunk:
+def _make_chunk(doc: Document, start: int, end: int, heading_path: Sequence[str] | None,
+                page: int | None) -> Chunk:
     text = doc.text[start:end]
-    if from_span:
-        span = doc.span_at(start)
-        heading_path = span.heading_path if span else []
-        page = span.page if span else None
     return Chunk(id=Chunk.make_id(doc.id, start, end, text), doc_id=doc.id, text=text,
                  start=start, end=end, heading_path=list(heading_path or []), page=page,
                  metadata=doc.metadata)
@@ -461,6 +457,15 @@ class FixedChunker(_Chunker):
         def inside_word(k: int) -> bool:
             return toks.inside_word(text, k)
 
+        # the span a window starts in gives its heading and page (binary search, not
+        # Document.span_at's scan: a 100k-row CSV has 100k spans)
+        spans = sorted(doc.spans, key=lambda s: s.start)
+        span_starts = [s.start for s in spans]
+
+        def place(offset: int) -> tuple[list[str], int | None]:
+            k = bisect_right(span_starts, offset) - 1
+            return (spans[k].heading_path, spans[k].page) if k >= 0 else ([], None)
+
         chunks: list[Chunk] = []
         i = 0
         while i < n:
@@ -470,7 +475,8 @@ class FixedChunker(_Chunker):
                 back -= 1
             if not inside_word(back):
                 j = back
-            chunks.append(_make_chunk(doc, toks.starts[i], toks.ends[j - 1], from_span=True))
+            path, page = place(toks.starts[i])
+            chunks.append(_make_chunk(doc, toks.starts[i], toks.ends[j - 1], path, page))
             if j >= n:
                 break
             nxt = max(j - overlap, i + 1)
