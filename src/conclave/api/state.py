@@ -29,6 +29,7 @@ class AppState:
         self.gateway = Gateway(settings)
         self.accounting: Any = None
         self.keys: KeyStore | None = None
+        self.bus: Any = None
         self.draining = False
         self._open_lock = asyncio.Lock()
         self._last_attempt = 0.0
@@ -36,8 +37,15 @@ class AppState:
         self._key_count: tuple[float, int] = (0.0, -1)
 
     async def _alert(self, alert: Any) -> None:
-        log.warning("budget alert: %s", alert.message(), extra={"alert": alert.model_dump(
-            mode="json")})
+        """Budget alerts go out as a structured log line and a ``budget.alert`` bus event."""
+        data = alert.model_dump(mode="json")
+        log.warning("budget alert: %s", alert.message(), extra={"alert": data})
+        if self.bus is not None:
+            try:
+                await self.bus.publish("budget.alert", {**data, "message": alert.message()},
+                                       type="budget.alert")
+            except ConclaveError as exc:
+                log.warning("budget alert not published on the bus: %s", exc)
 
     async def ready(self) -> None:
         """Open the backends if they are not open; raise BackendUnavailable if they can't be."""
@@ -58,6 +66,10 @@ class AppState:
                     self.gateway.accounting = self.accounting
                 if self.keys is None:
                     self.keys = await open_key_store(self.settings)
+                if self.bus is None:
+                    from conclave.bus import open_bus
+
+                    self.bus = await open_bus(self.settings)
             except ConclaveError as exc:
                 self._last_error = exc
                 raise
@@ -88,3 +100,5 @@ class AppState:
             await self.keys.aclose()
         if self.accounting is not None:
             await self.accounting.aclose()
+        if self.bus is not None:
+            await self.bus.aclose()
