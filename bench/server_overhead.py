@@ -56,7 +56,8 @@ UPSTREAM_KEY = "sk-bench-upstream"
 # counts the requests it *sent*: those cut at the deadline are sent but never answered,
 # and the server still serves and records them.  delay() paces each thread to a fixed
 # schedule (absolute, so truncation to whole ms does not drift the rate) using
-# CLOCK_MONOTONIC through LuaJIT's ffi.
+# CLOCK_MONOTONIC through LuaJIT's ffi; the threads' schedules are offset from each
+# other so the aggregate arrives evenly (4 threads at 50/s: one request every 5 ms).
 _LUA = r"""
 local ffi = require("ffi")
 ffi.cdef[[
@@ -70,7 +71,10 @@ local function now_ms()
 end
 
 local threads = {}
-function setup(thread) table.insert(threads, thread) end
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("phase", #threads - 1)
+end
 
 function init(args)
   sent = 0
@@ -79,6 +83,8 @@ function init(args)
                    ["Authorization"] = "Bearer " .. os.getenv("BENCH_BEARER")}
   req = wrk.format("POST", nil, headers, body)
   interval = tonumber(args[1] or "0")
+  -- threads start staggered, so together they send at an even pace, not in bursts
+  offset = phase * interval / tonumber(args[2] or "1")
   next_at = nil
 end
 
@@ -90,7 +96,8 @@ end
 if tonumber(os.getenv("BENCH_INTERVAL_MS") or "0") > 0 then
   function delay()
     local now = now_ms()
-    if next_at == nil or next_at < now - interval then next_at = now end
+    if next_at == nil then next_at = now + offset end
+    if next_at < now - interval then next_at = now end
     local d = next_at - now
     next_at = next_at + interval
     if d < 0 then d = 0 end
@@ -315,7 +322,7 @@ class Wrk:
         cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration_s:g}s",
                "--timeout", "5s", "-s", str(self.script), f"{url}/v1/chat/completions"]
         if interval_ms:
-            cmd += ["--", str(interval_ms)]
+            cmd += ["--", str(interval_ms), str(threads)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True,
                            timeout=duration_s + 60)
         m = re.search(r"^WRKJSON (.*)$", r.stdout, re.M)
@@ -465,7 +472,8 @@ def print_report(res: dict[str, Any]) -> None:
     print(row("direct", one["direct"]))
     print(row("conclave", one["conclave"]))
     print(f"  added      P50 {one['added_p50_ms']:7.3f} ms  P95 {one['added_p95_ms']:7.3f} ms")
-    print(f"paced at {paced['target_rps']:g} requests/s (4 connections, each at 1/4 of it):")
+    print(f"paced at {paced['target_rps']:g} requests/s (4 connections, each at 1/4 of it, "
+          "staggered):")
     print(row("direct", paced["direct"]))
     print(row("conclave", paced["conclave"]))
     print(f"  added      P50 {paced['added_p50_ms']:7.3f} ms  "
