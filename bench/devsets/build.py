@@ -79,8 +79,7 @@ def build_manpages(out: Path) -> None:
             continue
         seen_desc.add(key)
         seen_body.add(body[:200])
-        section = page.parent.name
-        docs.append({"_id": f"{page.name.split('.')[0]}.{section[3:]}",
+        docs.append({"_id": page.name.removesuffix(".gz"),
                      "title": command, "text": body[:MAX_BODY], "summary": summary})
     rng.shuffle(docs)
     queries = docs[:MAN_QUERIES]

@@ -294,8 +294,14 @@ class RagSettings(BaseModel):
     embedding_cache: bool = True
     #: how many candidates each side (dense, keyword) hands to fusion
     candidates: int = Field(50, ge=1)
-    fusion: Literal["rrf", "weighted"] = "rrf"
+    #: ``weighted``: min-max scores, the keyword side weighted by its own confidence (the
+    #: default: measured robust on both dev sets); ``rrf``: reciprocal rank fusion
+    fusion: Literal["rrf", "weighted"] = "weighted"
     rrf_k: int = Field(60, ge=1)
+    #: weighted fusion: the keyword side's weight ramps from 0 when its best score is this
+    #: fraction of the query's attainable BM25 score to 1 at floor + span
+    keyword_confidence_floor: float = Field(0.25, ge=0, le=1)
+    keyword_confidence_span: float = Field(0.2, gt=0, le=1)
     #: reranker used when a search asks for reranking
     reranker: Literal["offline", "cross-encoder", "llm", "none"] = "offline"
     #: sentence-transformers CrossEncoder weights (a local directory) for ``cross-encoder``

@@ -3,7 +3,7 @@
 Why bm25s and not Qdrant sparse vectors with ``Modifier.IDF``: measured by
 ``bench/rag_keyword_side.py`` on both dev sets (the table is in
 :mod:`conclave.rag.index`).  Both score BM25 over the same tokens, so quality
-is the same within noise; but Qdrant's embedded local mode (the default
+is identical; but Qdrant's embedded local mode (the default
 deployment) scores a sparse query with a Python loop over every stored
 point, so its latency grows by milliseconds per thousand chunks, while bm25s
 scores a CSC matrix with numpy.  bm25s has no incremental update, so the side
@@ -173,6 +173,7 @@ class KeywordSide:
                 lists.setdefault(key, []).append(i)
         self._heading_index = {k: np.asarray(v, dtype=np.int64) for k, v in lists.items()}
         self._bm25 = self._build() if self.chunk_ids and self.vocab else None
+        self._idf = self._idfs()
 
     def __len__(self) -> int:
         return len(self.chunk_ids)
@@ -187,6 +188,32 @@ class KeywordSide:
         bm25.index((token_lists, dict(self.vocab)), create_empty_token=False,
                    show_progress=False)
         return bm25
+
+    def _idfs(self) -> np.ndarray:
+        """BM25 (Lucene) IDF of every vocabulary id, as bm25s computes it."""
+        n, v = len(self.chunk_ids), len(self.vocab)
+        if not n or not v:
+            return np.zeros(v, dtype=np.float64)
+        lengths = np.diff(self.offsets)
+        owner = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        pairs = np.unique(owner * v + self.tokens.astype(np.int64))
+        df = np.bincount(pairs % v, minlength=v).astype(np.float64)
+        return np.log(1 + (n - df + 0.5) / (df + 0.5))
+
+    def max_score(self, query_tokens: Sequence[str]) -> float:
+        """An upper bound of any chunk's BM25 score for the query: the sum of its terms' IDF.
+
+        Each term adds at most its IDF (the Lucene term-frequency part stays below 1).
+        A term no chunk holds counts with the IDF of an unseen term, so a query asking
+        for words the corpus lacks can never look fully matched.
+        """
+        n = len(self.chunk_ids)
+        unseen = float(np.log(1 + (n + 0.5) / 0.5)) if n else 0.0
+        total = 0.0
+        for t in dict.fromkeys(query_tokens):
+            i = self.vocab.get(t)
+            total += float(self._idf[i]) if i is not None else unseen
+        return total
 
     def rebuilt(self, *, remove: Iterable[str], add: Sequence[Chunk],
                 tokenizer: Tokenizer) -> KeywordSide:
