@@ -129,6 +129,9 @@ async def test_budget_race_never_overspends(upstream: Upstream, servers_factory,
     assert set(statuses) <= {200, 402}, sorted(set(statuses))
     assert 0 < ok < total
 
+    # SIGTERM every replica: each drains its ledger queue before exiting, so what is read
+    # below is final (a replica's last records may otherwise still be queued, <= 50 ms).
+    await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
     count, usage, records = await inspect(env, budget["id"])
     limit_micros = 2_000_000
     assert usage.spent_micros <= limit_micros

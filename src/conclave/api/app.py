@@ -59,7 +59,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key in ("request_id", "method", "route", "status", "duration_ms", "api_key_id",
-                    "model", "input_tokens", "output_tokens", "cost_usd", "error", "alert"):
+                    "model", "input_tokens", "output_tokens", "cost_usd", "error", "alert",
+                    "prompt", "answer"):
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         return orjson.dumps(out, default=str).decode()

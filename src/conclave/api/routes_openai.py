@@ -138,6 +138,9 @@ async def _serve(request: Request, route: str,
     request.state.log_extra = {"model": resp.model, "input_tokens": resp.usage.input_tokens,
                                "output_tokens": resp.usage.output_tokens,
                                "cost_usd": resp.cost_usd}
+    if state.settings.api.log_bodies:  # opt-in only: prompts can hold personal data
+        request.state.log_extra["prompt"] = [m.content for m in req.messages]
+        request.state.log_extra["answer"] = resp.text
     return json_response(render(resp, rid), headers=headers)
 
 
