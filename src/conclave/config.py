@@ -201,6 +201,9 @@ class RoutingSettings(BaseModel):
     fallback_to_local: bool = True
     request_timeout: float = 120.0
     connect_timeout: float = 10.0
+    #: the lean HTTP/1.1 transport for SDK calls (half the CPU per call); False falls back
+    #: to httpx2's stock transport
+    lean_http: bool = True
 
 
 class AccountingSettings(BaseModel):

@@ -141,13 +141,15 @@ def _env_proxies() -> bool:
     return any(k in ("http", "https", "all") for k in urllib.request.getproxies())
 
 
-def httpx2_client(*, privacy: bool, timeout: float, connect_timeout: float) -> httpx2.AsyncClient:
+def httpx2_client(*, privacy: bool, timeout: float, connect_timeout: float,
+                  lean: bool = True) -> httpx2.AsyncClient:
     """Client for the official ``openai``/``anthropic`` SDKs (they are built on httpx2).
 
     Its transport is :class:`conclave.llm.http1.Http1Transport` (a lean HTTP/1.1
     pool that enforces the privacy guard itself), except when the environment
-    names an HTTP proxy outside privacy mode: httpx2 honours proxies only with its
-    own transports.
+    names an HTTP proxy outside privacy mode (httpx2 honours proxies only with its
+    own transports) or ``lean=False`` (``CONCLAVE_ROUTING__LEAN_HTTP=0``), which
+    selects httpx2's stock transport, guarded the same way.
     """
     from conclave.llm.http1 import Http1Transport
 
@@ -155,6 +157,9 @@ def httpx2_client(*, privacy: bool, timeout: float, connect_timeout: float) -> h
     to = httpx2.Timeout(timeout, connect=connect_timeout)
     if not privacy and _env_proxies():
         return httpx2.AsyncClient(timeout=to, limits=httpx2.Limits(**limits))
+    if not lean:
+        return httpx2.AsyncClient(timeout=to, transport=stock_httpx2_transport(privacy=privacy),
+                                  trust_env=not privacy)
     transport = Http1Transport(privacy=privacy, trust_env=not privacy, **limits)
     return httpx2.AsyncClient(timeout=to, transport=transport, trust_env=not privacy)
 

@@ -169,7 +169,8 @@ class AnthropicProvider(Provider):
         if client is None:
             routing = self.settings.routing
             http = net.httpx2_client(privacy=privacy, timeout=routing.request_timeout,
-                                     connect_timeout=routing.connect_timeout)
+                                     connect_timeout=routing.connect_timeout,
+                                     lean=routing.lean_http)
             self._http[privacy] = http
             client = AsyncAnthropic(api_key=key or "no-key", base_url=url, max_retries=0,
                                     http_client=http)

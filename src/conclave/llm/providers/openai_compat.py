@@ -247,7 +247,8 @@ class OpenAICompatProvider(Provider):
         if client is None:
             routing = self.settings.routing
             http = net.httpx2_client(privacy=privacy, timeout=routing.request_timeout,
-                                     connect_timeout=routing.connect_timeout)
+                                     connect_timeout=routing.connect_timeout,
+                                     lean=routing.lean_http)
             self._http[privacy] = http
             client = AsyncOpenAI(api_key=key or NO_KEY, base_url=url, max_retries=0,
                                  http_client=http)
