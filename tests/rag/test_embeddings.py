@@ -237,7 +237,7 @@ async def test_privacy_mode_guards_a_local_provider_pointing_off_the_machine(
                              rag={"embedder": "jan:some-model", "embedding_cache": False})
     emb = build_embedder(settings)
     try:
-        with pytest.raises(PrivacyViolation, match="93.184.216.34"):
+        with pytest.raises(PrivacyViolation, match=r"93\.184\.216\.34"):
             await emb.embed(["private text"])
     finally:
         await emb.aclose()
