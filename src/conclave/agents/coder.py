@@ -1,0 +1,202 @@
+"""The Coder (tier 1): writes the planned files, several candidates at a time.
+
+A small model's single answer is usually wrong, but among a few samples one is
+often right, and the Reviewer can tell which by running its tests.  So each
+round the Coder draws ``samples`` candidates: in the first round the greedy
+answer plus samples at ``temperature`` with distinct seeds, in later rounds
+only samples (the greedy answer would repeat itself), with the Reviewer's
+feedback in the prompt.  Identical candidates are dropped.
+
+How the model is asked depends on its kind:
+
+* base models (the tier-0 Gemma 3 270M) *continue code*: a task that is a
+  Python stub is completed as it is (the body follows the docstring), other
+  tasks get a comment header (task, plan, file name) to continue from;
+* chat models get the task, the plan, the file's current content and the
+  feedback, and answer the whole file in a fenced block.
+
+Files are written one after another in plan order (step by step); candidate
+*k* is the *k*-th sample of every file.  Output cut by the repetition guard (a
+model looping on one line) is trimmed back to the longest prefix that parses.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import re
+from collections.abc import Mapping
+
+from conclave.agents.agent import Agent
+from conclave.agents.artifacts import Candidate, Plan
+from conclave.agents.context import RunContext, gather_all
+from conclave.agents.taskspec import TaskSpec, parse_task
+from conclave.llm.streaming import RepetitionGuard
+from conclave.llm.types import Message
+
+#: where a base model's continuation of a stub ends: the next top-level statement
+STUB_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n```",
+              "\n# Task", "\n# Test"]
+FILE_STOPS = ["\nif __name__", "\n```", "\n# Task:", "\n\n\n\n"]
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+SYSTEM = (
+    "You are the Coder of a small coding team. Write correct, simple Python that does "
+    "exactly what the task asks, following the plan. Reply with the complete content of "
+    "the requested file in one ```python code block and nothing else."
+)
+
+
+class Coder:
+    """Writes candidates; ``tier`` 1 by default.
+
+    Args:
+        samples: candidates per round (>= 1).
+        temperature / top_p: sampling for every candidate but the first round's first.
+        concurrency: model calls at once (the local server serves 2 by default).
+        feedback_in_prompt: put the Reviewer's failing tests into base-model prompts
+            in later rounds (chat models always get the feedback).
+    """
+
+    name = "coder"
+
+    def __init__(self, *, tier: int | None = 1, model: str | None = None, samples: int = 4,
+                 temperature: float = 0.8, top_p: float = 0.95, concurrency: int = 2,
+                 max_tokens: int = 384, feedback_in_prompt: bool = True,
+                 repetition_guard: bool = True) -> None:
+        if samples < 1:
+            raise ValueError(f"samples must be at least 1, got {samples}")
+        self.tier, self.model = tier, model
+        self.samples, self.temperature, self.top_p = samples, temperature, top_p
+        self.concurrency = max(1, concurrency)
+        self.max_tokens = max_tokens
+        self.feedback_in_prompt = feedback_in_prompt
+        self.repetition_guard = repetition_guard
+
+    async def implement(self, ctx: RunContext, task: str, plan: Plan, *, round: int = 1,
+                        feedback: str = "", existing: Mapping[str, str] | None = None,
+                        ) -> list[Candidate]:
+        spec = parse_task(task)
+        existing = existing or {}
+        agent = Agent(self.name, ctx, tier=self.tier, model=self.model,
+                      max_tokens=self.max_tokens, top_p=self.top_p,
+                      policies=[RepetitionGuard(span=48, repeats=3)]
+                      if self.repetition_guard else [])
+        base = agent.is_base_model()
+        gate = asyncio.Semaphore(self.concurrency)
+        settings = [self._sampling(round, k) for k in range(self.samples)]
+        per_file: dict[str, list[tuple[str, str | None, bool]]] = {}
+        for index, path in enumerate(plan.files):  # step by step, in plan order
+            async def one(k: int, path: str = path, first: bool = index == 0
+                          ) -> tuple[str, str | None, bool]:
+                temperature, seed = settings[k]
+                async with gate:
+                    return await self._write(agent, spec, plan, path, base=base,
+                                             entry_file=first, feedback=feedback,
+                                             current=existing.get(path),
+                                             temperature=temperature, seed=seed)
+            per_file[path] = await gather_all(one(k) for k in range(self.samples))
+        candidates: list[Candidate] = []
+        seen: set[tuple[str, ...]] = set()
+        for k in range(self.samples):
+            files = {p: per_file[p][k][0] for p in plan.files}
+            key = tuple(_normalise(files[p]) for p in plan.files)
+            if key in seen:
+                continue
+            seen.add(key)
+            cut = next((per_file[p][k][1] for p in plan.files if per_file[p][k][1]), None)
+            candidates.append(Candidate(
+                id=f"r{round}c{k}", round=round, sample=k, files=files,
+                temperature=settings[k][0], seed=settings[k][1], cut=cut,
+                salvaged=any(per_file[p][k][2] for p in plan.files)))
+        return candidates
+
+    def _sampling(self, round: int, k: int) -> tuple[float, int | None]:
+        if round == 1 and k == 0:
+            return 0.0, None
+        return self.temperature, round * 1000 + k
+
+    async def _write(self, agent: Agent, spec: TaskSpec, plan: Plan, path: str, *, base: bool,
+                     entry_file: bool, feedback: str, current: str | None,
+                     temperature: float, seed: int | None) -> tuple[str, str | None, bool]:
+        """One sample of one file: (content, why it was cut, whether it was salvaged)."""
+        if base:
+            prefix, stops = self._base_prompt(spec, plan, path, entry_file=entry_file,
+                                              feedback=feedback, current=current)
+            response = await agent.complete(prompt=prefix, operation="implement", stop=stops,
+                                            temperature=temperature, seed=seed)
+            head = prefix[len(self._feedback_block(feedback)):] if feedback and \
+                self.feedback_in_prompt else prefix
+            code = head + response.text
+        else:
+            messages = [Message.system(SYSTEM),
+                        Message.user(self._chat_prompt(spec, plan, path, feedback, current))]
+            response = await agent.complete(messages, operation="implement",
+                                            temperature=temperature, seed=seed)
+            code = extract_code(response.text)
+        code, salvaged = salvage(code.rstrip() + "\n")
+        return code, response.stopped_by, salvaged
+
+    def _feedback_block(self, feedback: str) -> str:
+        lines = [ln for ln in feedback.strip().splitlines() if ln.strip()][:8]
+        body = "\n".join(f"# {ln}" for ln in lines)
+        return f"# A previous attempt was rejected by the reviewer:\n{body}\n\n"
+
+    def _base_prompt(self, spec: TaskSpec, plan: Plan, path: str, *, entry_file: bool,
+                     feedback: str, current: str | None) -> tuple[str, list[str]]:
+        lead = self._feedback_block(feedback) if feedback and self.feedback_in_prompt else ""
+        if entry_file and spec.stub is not None and current is None:
+            return lead + spec.stub.rstrip() + "\n", list(STUB_STOPS)
+        header = _comment("Task: " + spec.text.strip())
+        if plan.steps:
+            header += "\n" + _comment("Plan:\n" + "\n".join(f"- {s}" for s in plan.steps))
+        header += f"\n# File: {path}\n"
+        if current is not None:
+            return lead + current.rstrip() + "\n\n" + header + "\n", list(FILE_STOPS)
+        return lead + header + "\n", list(FILE_STOPS)
+
+    def _chat_prompt(self, spec: TaskSpec, plan: Plan, path: str, feedback: str,
+                     current: str | None) -> str:
+        parts = [f"Task:\n{spec.text.strip()}", "Plan:\n" + "\n".join(
+            f"{i}. {s}" for i, s in enumerate(plan.steps, 1)),
+            f"Write the file `{path}`" + (f" (the other files: {', '.join(plan.files)})"
+                                          if len(plan.files) > 1 else "") + "."]
+        if current is not None:
+            parts.append(f"Its current content:\n```python\n{current}\n```")
+        if feedback:
+            parts.append(f"The reviewer rejected the previous attempt:\n{feedback.strip()}")
+        return "\n\n".join(parts)
+
+
+def _comment(text: str) -> str:
+    return "\n".join(f"# {ln}".rstrip() for ln in text.splitlines())
+
+
+def _normalise(code: str) -> str:
+    return "\n".join(ln.rstrip() for ln in code.strip().splitlines() if ln.strip())
+
+
+def extract_code(text: str) -> str:
+    """The first fenced code block of a chat answer, or the whole answer."""
+    match = _FENCE.search(text)
+    return match.group(1) if match else text
+
+
+def salvage(code: str) -> tuple[str, bool]:
+    """``code`` if it parses, else its longest prefix (by lines) that does."""
+    if _parses(code):
+        return code, False
+    lines = code.splitlines()
+    for end in range(len(lines) - 1, 0, -1):
+        prefix = "\n".join(lines[:end]).rstrip() + "\n"
+        if _parses(prefix):
+            return prefix, True
+    return code, False
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
