@@ -27,12 +27,14 @@ app = typer.Typer(
 def _mount_subcommands() -> None:
     from conclave.cli.admin import budget_app, keys_app, serve, spend
     from conclave.cli.local import local_app
+    from conclave.cli.run import run_command
 
     app.add_typer(local_app, name="local", help="Manage the local llama.cpp runtime (tier 0).")
     app.command("serve")(serve)
     app.add_typer(keys_app, name="keys")
     app.add_typer(budget_app, name="budget")
     app.command("spend")(spend)
+    app.command("run")(run_command)
 
 
 def response_json(resp: ChatResponse) -> dict[str, Any]:
