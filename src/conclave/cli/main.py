@@ -36,6 +36,13 @@ def _mount_subcommands() -> None:
     app.command("spend")(spend)
     app.command("run")(run_command)
 
+    from conclave.cli.rag import ask, eval_app, index, search
+
+    app.command("index")(index)
+    app.command("search")(search)
+    app.command("ask")(ask)
+    app.add_typer(eval_app, name="eval")
+
 
 def response_json(resp: ChatResponse) -> dict[str, Any]:
     return {
