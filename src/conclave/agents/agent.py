@@ -307,10 +307,15 @@ class Agent:
             'When you are done: {"action": "final", "answer": "<your answer>"}',
             "Tools:",
         ]
-        for t in self.tools.tools():
+        tools = self.tools.tools()
+        for t in tools:
             summary = (t.description or "").strip().splitlines()
             lines.append(f"- {t.wire_name}({t.signature_text()})"
                          + (f": {summary[0]}" if summary else ""))
+        first = tools[0]
+        example = {"action": "tool", "name": first.wire_name,
+                   "arguments": _example_arguments(first.parameters_schema(inline_refs=True))}
+        lines.append(f"For example: {json.dumps(example)}")
         return "\n".join(lines)
 
     async def run(self, task: str | Sequence[Message]) -> AgentResult:
@@ -415,6 +420,27 @@ class Agent:
             "is_error": result.is_error, "error_kind": result.error_kind,
             "duration_ms": result.duration_ms, "content": _short(result.content, 2000),
         })
+
+
+def _example_arguments(schema: dict[str, Any]) -> dict[str, Any]:
+    """Arguments of the right shape for an example call (small models copy examples well)."""
+    samples = {"integer": 1, "number": 1.5, "string": "text", "boolean": True, "array": [],
+               "object": {}}
+    out: dict[str, Any] = {}
+    props = schema.get("properties", {})
+    for name in schema.get("required", []):
+        sub = props.get(name, {})
+        if "default" in sub:
+            out[name] = sub["default"]
+        elif sub.get("enum"):
+            out[name] = sub["enum"][0]
+        else:
+            kind = sub.get("type")
+            if kind is None:
+                kind = next((v.get("type") for v in sub.get("anyOf", [])
+                             if v.get("type") not in (None, "null")), "string")
+            out[name] = samples.get(kind if isinstance(kind, str) else "string", "text")
+    return out
 
 
 def _parse_action(text: str) -> tuple[list[ToolCall], str | None, str | None]:
