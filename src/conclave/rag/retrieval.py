@@ -9,8 +9,9 @@ whose ``signals`` say what each stage thought (``dense_rank``,
 ``dense_score``, ``bm25_rank``, ``bm25_score``, ``bm25_weight``,
 ``fused_score``, ``rerank_score``).
 
-Fusion default and why: see :data:`DEFAULT_FUSION` below and the numbers from
-``bench/rag_fusion_rerank.py`` in the module docstring of :mod:`conclave.rag.fusion`.
+Fusion default (``weighted``: min-max scores, the keyword side weighted by its
+own confidence per query) and the measurements behind it are in the module
+docstring of :mod:`conclave.rag.fusion`.
 
 :class:`MultiQuery` rewrites the question into variants through the gateway
 (tier 1 by default, which offline resolves to the local model), retrieves
