@@ -33,10 +33,11 @@ Paraphrased questions reach 9-20% of that ceiling (90% of queries), questions
 sharing the passage's words 35-77%; the weight ramps from 0 at 25% to 1 at
 45% (:meth:`conclave.rag.retrieval.Retriever.keyword_weight`).  The cost is
 1.7% below dense on the paraphrase set, within one query's worth of nDCG
-(48 queries); every variant tried that kept BM25 useful on manpages lost at
-least that much there (per-query gates on coverage or score ratio, per-passage
-coverage weights, z-score fusion, dense-anchored sums; see the bench).  The
-reranker then lifts both sets above 1.05x the better side.
+(48 queries).  Other schemes tried on the same runs (per-query gates on term
+coverage or on the cosine of BM25's top hit, per-passage coverage weights,
+z-score fusion, cosine plus a scaled BM25 score) either lost as much on the
+paraphrase set or gave up most of the gain on manpages; none reached dense
+there.  The reranker then lifts both sets above 1.05x the better side.
 """
 
 from __future__ import annotations
