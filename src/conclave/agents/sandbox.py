@@ -129,11 +129,25 @@ class TestReport(BaseModel):
 # --- isolation ----------------------------------------------------------------------
 
 
+_LIBC: ctypes.CDLL | None = None
+_LIBC_LOOKED_UP = False
+
+
+def _libc() -> ctypes.CDLL | None:
+    """libc, looked up once in the parent: ``find_library`` may spawn ``ldconfig``, which
+    must never happen in a child between fork and exec (limits are already set there)."""
+    global _LIBC, _LIBC_LOOKED_UP
+    if not _LIBC_LOOKED_UP:
+        _LIBC_LOOKED_UP = True
+        name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+        _LIBC = ctypes.CDLL(name, use_errno=True) if name else None
+    return _LIBC
+
+
 def _unshare(flags: int) -> bool:
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name or not sys.platform.startswith("linux"):
+    libc = _LIBC
+    if libc is None:
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
     return libc.unshare(ctypes.c_int(flags)) == 0
 
 
@@ -146,6 +160,7 @@ def namespaces_available() -> bool:
     Probed once in a throwaway child, so this process's own namespaces never change.
     """
     global _NAMESPACES
+    _libc()
     if _NAMESPACES is None:
         try:
             pid = os.fork()
@@ -232,6 +247,7 @@ async def run_python(
         timed_out = False
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         out, err = os.open(out_path, flags, 0o600), os.open(err_path, flags, 0o600)
+        _libc()
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-B", str(runner),
