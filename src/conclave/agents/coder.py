@@ -26,6 +26,7 @@ import ast
 import asyncio
 import re
 from collections.abc import Mapping
+from typing import Literal
 
 from conclave.agents.agent import Agent
 from conclave.agents.artifacts import Candidate, Plan
@@ -39,6 +40,34 @@ STUB_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\
               "\n# Task", "\n# Test"]
 FILE_STOPS = ["\nif __name__", "\n```", "\n# Task:", "\n\n\n\n"]
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+#: short solved functions written for this purpose (not from any benchmark): they show a
+#: base model the shape of an answer (a direct body right after the docstring)
+PRIMER = '''def add(a: int, b: int) -> int:
+    """Return the sum of a and b.
+    >>> add(2, 3)
+    5
+    """
+    return a + b
+
+
+def count_vowels(text: str) -> int:
+    """Count the vowels (a, e, i, o, u) in text, ignoring case.
+    >>> count_vowels("Hello")
+    2
+    """
+    return sum(1 for c in text.lower() if c in "aeiou")
+
+
+def evens(numbers: list) -> list:
+    """Keep the even numbers, in order.
+    >>> evens([1, 2, 3, 4])
+    [2, 4]
+    """
+    return [n for n in numbers if n % 2 == 0]
+
+
+'''
 
 SYSTEM = (
     "You are the Coder of a small coding team. Write correct, simple Python that does "
@@ -56,6 +85,9 @@ class Coder:
         concurrency: model calls at once (the local server serves 2 by default).
         feedback_in_prompt: put the Reviewer's failing tests into base-model prompts
             in later rounds (chat models always get the feedback).
+        primer: put a few short solved functions before a base model's prompt on
+            "alternate" samples (odd ones), "always" or "never": a base model continues
+            the style it was shown, and the variation adds diversity to the samples.
     """
 
     name = "coder"
@@ -63,6 +95,7 @@ class Coder:
     def __init__(self, *, tier: int | None = 1, model: str | None = None, samples: int = 4,
                  temperature: float = 0.8, top_p: float = 0.95, concurrency: int = 2,
                  max_tokens: int = 384, feedback_in_prompt: bool = True,
+                 primer: Literal["never", "alternate", "always"] = "alternate",
                  repetition_guard: bool = True) -> None:
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples}")
@@ -71,6 +104,7 @@ class Coder:
         self.concurrency = max(1, concurrency)
         self.max_tokens = max_tokens
         self.feedback_in_prompt = feedback_in_prompt
+        self.primer = primer
         self.repetition_guard = repetition_guard
 
     async def implement(self, ctx: RunContext, task: str, plan: Plan, *, round: int = 1,
@@ -94,7 +128,8 @@ class Coder:
                     return await self._write(agent, spec, plan, path, base=base,
                                              entry_file=first, feedback=feedback,
                                              current=existing.get(path),
-                                             temperature=temperature, seed=seed)
+                                             temperature=temperature, seed=seed,
+                                             primed=self._primed(k))
             per_file[path] = await gather_all(one(k) for k in range(self.samples))
         candidates: list[Candidate] = []
         seen: set[tuple[str, ...]] = set()
@@ -111,6 +146,9 @@ class Coder:
                 salvaged=any(per_file[p][k][2] for p in plan.files)))
         return candidates
 
+    def _primed(self, k: int) -> bool:
+        return self.primer == "always" or (self.primer == "alternate" and k % 2 == 1)
+
     def _sampling(self, round: int, k: int) -> tuple[float, int | None]:
         if round == 1 and k == 0:
             return 0.0, None
@@ -118,16 +156,16 @@ class Coder:
 
     async def _write(self, agent: Agent, spec: TaskSpec, plan: Plan, path: str, *, base: bool,
                      entry_file: bool, feedback: str, current: str | None,
-                     temperature: float, seed: int | None) -> tuple[str, str | None, bool]:
+                     temperature: float, seed: int | None, primed: bool = False,
+                     ) -> tuple[str, str | None, bool]:
         """One sample of one file: (content, why it was cut, whether it was salvaged)."""
         if base:
-            prefix, stops = self._base_prompt(spec, plan, path, entry_file=entry_file,
-                                              feedback=feedback, current=current)
-            response = await agent.complete(prompt=prefix, operation="implement", stop=stops,
-                                            temperature=temperature, seed=seed)
-            head = prefix[len(self._feedback_block(feedback)):] if feedback and \
-                self.feedback_in_prompt else prefix
-            code = head + response.text
+            lead, body, stops = self._base_prompt(spec, plan, path, entry_file=entry_file,
+                                                  feedback=feedback, current=current,
+                                                  primed=primed)
+            response = await agent.complete(prompt=lead + body, operation="implement",
+                                            stop=stops, temperature=temperature, seed=seed)
+            code = body + response.text
         else:
             messages = [Message.system(SYSTEM),
                         Message.user(self._chat_prompt(spec, plan, path, feedback, current))]
@@ -143,17 +181,21 @@ class Coder:
         return f"# A previous attempt was rejected by the reviewer:\n{body}\n\n"
 
     def _base_prompt(self, spec: TaskSpec, plan: Plan, path: str, *, entry_file: bool,
-                     feedback: str, current: str | None) -> tuple[str, list[str]]:
-        lead = self._feedback_block(feedback) if feedback and self.feedback_in_prompt else ""
+                     feedback: str, current: str | None, primed: bool = False,
+                     ) -> tuple[str, str, list[str]]:
+        """(lead, body, stops): the model sees lead + body; the file is body + its answer."""
+        lead = PRIMER if primed else ""
+        if feedback and self.feedback_in_prompt:
+            lead += self._feedback_block(feedback)
         if entry_file and spec.stub is not None and current is None:
-            return lead + spec.stub.rstrip() + "\n", list(STUB_STOPS)
+            return lead, spec.stub.rstrip() + "\n", list(STUB_STOPS)
         header = _comment("Task: " + spec.text.strip())
         if plan.steps:
             header += "\n" + _comment("Plan:\n" + "\n".join(f"- {s}" for s in plan.steps))
         header += f"\n# File: {path}\n"
         if current is not None:
-            return lead + current.rstrip() + "\n\n" + header + "\n", list(FILE_STOPS)
-        return lead + header + "\n", list(FILE_STOPS)
+            return lead, current.rstrip() + "\n\n" + header + "\n", list(FILE_STOPS)
+        return lead, header + "\n", list(FILE_STOPS)
 
     def _chat_prompt(self, spec: TaskSpec, plan: Plan, path: str, feedback: str,
                      current: str | None) -> str:
