@@ -225,6 +225,20 @@ def test_bad_mode_and_conflicting_options(cli, doc_folder: Path):
     assert r.exit_code == 1 and "no folder has been indexed yet" in r.stderr
 
 
+def test_ask_privacy_refuses_a_cloud_model_before_any_request(app, tmp_path: Path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.md").write_text("# Tides\n\nTides are caused by the moon.\n")
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CONCLAVE_")}
+    env.update(CONCLAVE_DATA_DIR=str(tmp_path / "data"),
+               CONCLAVE_CONFIG=str(tmp_path / "none.yaml"), OPENAI_API_KEY="sk-secret-value")
+    r = CliRunner().invoke(app, ["ask", "What causes tides?", "--docs", str(folder),
+                                 "--privacy", "--model", "openai/gpt-5.1"], env=env)
+    assert r.exit_code == 1
+    assert "privacy" in r.stderr and "sk-secret-value" not in r.stderr + r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_parse_filters_builds_one_filter():
     f = parse_filters(["tag=a,b", "tags=c", "type=md,PDF", "lang=Python", "path=./docs/api/",
                        "heading=Install > Debian", "after=2024-01-01",

@@ -323,11 +323,11 @@ def eval_retrieval(
 
     table = Table(title=f"{data.folder.name}: {len(data.documents)} documents, "
                   f"{len(data.queries)} queries")
-    for col in ("stage", f"nDCG@{k}", f"Recall@{k}", f"MRR@{k}", "p50 ms", "seconds"):
+    for col in ("stage", f"nDCG@{k}", f"Recall@{k}", f"MRR@{k}", "seconds"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, r in results.items():
         table.add_row(stage, f"{r[f'ndcg@{k}']:.4f}", f"{r[f'recall@{k}']:.4f}",
-                      f"{r[f'mrr@{k}']:.4f}", f"{r['p50_ms']:.1f}", f"{r['seconds']:.1f}")
+                      f"{r[f'mrr@{k}']:.4f}", f"{r['seconds']:.1f}")
     out.print(table)
 
 

@@ -16,6 +16,10 @@ keeping each document's best chunk (its first occurrence: rankings are best
 first, and a reranked head is not comparable by score with the tail it was
 cut from, so position is the one order that holds across the list), and
 nDCG, Recall and MRR at ``k`` come from :mod:`conclave.rag.metrics`.
+Each stage also reports its wall time and median per-query latency; query
+embeddings go through the embedding cache like any search, so after the
+first stage (or run) they are lookups: these are not cold-query latencies
+(``bench/rag_ingest.py`` measures those).
 
 Stages, all through :class:`~conclave.rag.retrieval.Retriever`:
 ``bm25`` and ``dense`` (one side each), ``hybrid`` (both, fused),
