@@ -52,20 +52,28 @@ async def test_planner_asks_for_schema_constrained_json(tmp_path):
     await ctx.aclose()
 
 
-async def test_coder_primes_alternate_samples_and_keeps_the_primer_out_of_the_file(tmp_path):
+async def test_coder_cycles_prompt_shapes_and_keeps_the_primer_out_of_the_file(tmp_path):
     def respond(model, request, i):
-        return answer("    return x + 1\n" if request.prompt.startswith(PRIMER)
-                      else "    return x + 2\n")
+        if request.prompt.endswith("    return "):
+            assert request.stop == ["\n"] and request.max_tokens == 64
+            return answer("x + 1")
+        if request.prompt.startswith(PRIMER):
+            return answer("    return x + 1\n")
+        return answer("    return x + 2\n")
 
     gw, provider = scripted_gateway(scripted_settings(tmp_path), respond)
     ctx = RunContext(gw)
     plan = Plan(summary="s", steps=["x"], files=["inc.py"])
-    cands = await Coder(model=BASE, samples=4).implement(ctx, STUB, plan)
-    prompts = sorted((r.seed or 0, r.prompt.startswith(PRIMER)) for _, r in provider.requests)
-    assert prompts == [(0, False), (1001, True), (1002, False), (1003, True)]
-    assert [c.files["inc.py"] for c in cands] == [STUB + "    return x + 2\n",
-                                                  STUB + "    return x + 1\n"]
-    assert [c.id for c in cands] == ["r1c0", "r1c1"]  # duplicates dropped
+    coder = Coder(model=BASE, samples=6)
+    assert coder.sampling(1) == [("free", 0.0, None), ("primed", 0.0, None),
+                                 ("return", 0.0, None), ("free", 0.8, 1003),
+                                 ("primed", 0.8, 1004), ("return", 0.8, 1005)]
+    assert [s for s, _, _ in coder.sampling(2)] == ["free", "primed", "return"] * 2
+    cands = await coder.implement(ctx, STUB, plan)
+    assert len(provider.requests) == 6
+    assert [c.files["inc.py"] for c in cands] == [
+        STUB + "    return x + 2\n", STUB + "    return x + 1\n"]
+    assert [c.id for c in cands] == ["r1c0", "r1c1"]  # identical candidates dropped
     await ctx.aclose()
 
 

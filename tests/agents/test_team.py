@@ -33,7 +33,8 @@ PLAN = {"summary": "Track the balance", "steps": ["Sum the operations", "Check f
 
 
 def roles(model: str = BASE, **reviewer: object) -> dict[str, object]:
-    return {"planner": Planner(model=model), "coder": Coder(model=model, samples=3),
+    return {"planner": Planner(model=model),
+            "coder": Coder(model=model, samples=3, shapes=("free",)),
             "reviewer": Reviewer(model=model, **reviewer)}  # type: ignore[arg-type]
 
 

@@ -32,7 +32,8 @@ async def test_team_over_nats_with_remote_roles(tmp_path):
     team_bus = await open_bus(bus_settings)
     try:
         await serve_roles(gw, worker_bus, planner=Planner(model=BASE),
-                          coder=Coder(model=BASE, samples=3), reviewer=Reviewer(model=BASE))
+                          coder=Coder(model=BASE, samples=3, shapes=("free",)),
+                          reviewer=Reviewer(model=BASE))
         watcher = Collector(lambda evs: any(e.topic.endswith("team.done") for e in evs))
         await team_bus.subscribe("agents.run-nats.>", watcher)
         result = await Team(gw, team_bus, max_rounds=3, serve_locally=False).run(

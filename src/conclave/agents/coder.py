@@ -1,11 +1,12 @@
 """The Coder (tier 1): writes the planned files, several candidates at a time.
 
 A small model's single answer is usually wrong, but among a few samples one is
-often right, and the Reviewer can tell which by running its tests.  So each
-round the Coder draws ``samples`` candidates: in the first round the greedy
-answer plus samples at ``temperature`` with distinct seeds, in later rounds
-only samples (the greedy answer would repeat itself), with the Reviewer's
-feedback in the prompt.  Identical candidates are dropped.
+sometimes right, and the Reviewer can tell which by running its tests.  So each
+round the Coder draws ``samples`` candidates in several prompt *shapes* (see
+:class:`Coder`): in the first round the greedy answer of each shape plus
+samples at ``temperature`` with distinct seeds, in later rounds only samples
+(a greedy answer would repeat itself), with the Reviewer's feedback in the
+prompt.  Identical candidates are dropped.
 
 How the model is asked depends on its kind:
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from conclave.agents.agent import Agent
@@ -76,18 +77,25 @@ SYSTEM = (
 )
 
 
+Shape = Literal["free", "primed", "return"]
+
+
 class Coder:
     """Writes candidates; ``tier`` 1 by default.
 
     Args:
         samples: candidates per round (>= 1).
-        temperature / top_p: sampling for every candidate but the first round's first.
+        temperature / top_p: sampling for the candidates that are not greedy.
         concurrency: model calls at once (the local server serves 2 by default).
         feedback_in_prompt: put the Reviewer's failing tests into base-model prompts
             in later rounds (chat models always get the feedback).
-        primer: put a few short solved functions before a base model's prompt on
-            "alternate" samples (odd ones), "always" or "never": a base model continues
-            the style it was shown, and the variation adds diversity to the samples.
+        shapes: how a base model is asked to complete a stub, cycled over the samples
+            (the first round's first sample of each shape is greedy):
+            ``free`` the stub as it is; ``primed`` a few short solved functions
+            before it (a base model continues the style it was shown); ``return``
+            the body started as ``return`` and ended at the line break: a one-
+            expression answer, cheap, and it cannot ramble.  Other tasks and chat
+            models always get ``free``.
     """
 
     name = "coder"
@@ -95,17 +103,30 @@ class Coder:
     def __init__(self, *, tier: int | None = 1, model: str | None = None, samples: int = 4,
                  temperature: float = 0.8, top_p: float = 0.95, concurrency: int = 2,
                  max_tokens: int = 384, feedback_in_prompt: bool = True,
-                 primer: Literal["never", "alternate", "always"] = "alternate",
+                 shapes: Sequence[Shape] = ("free", "primed", "return"),
                  repetition_guard: bool = True) -> None:
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples}")
+        if not shapes or any(sh not in ("free", "primed", "return") for sh in shapes):
+            raise ValueError(f"shapes must be some of free, primed, return; got {shapes!r}")
         self.tier, self.model = tier, model
         self.samples, self.temperature, self.top_p = samples, temperature, top_p
         self.concurrency = max(1, concurrency)
         self.max_tokens = max_tokens
         self.feedback_in_prompt = feedback_in_prompt
-        self.primer = primer
+        self.shapes: tuple[Shape, ...] = tuple(shapes)
         self.repetition_guard = repetition_guard
+
+    def sampling(self, round: int) -> list[tuple[Shape, float, int | None]]:
+        """(shape, temperature, seed) of each sample of a round."""
+        plan = []
+        for k in range(self.samples):
+            shape = self.shapes[k % len(self.shapes)]
+            if round == 1 and k < len(self.shapes):
+                plan.append((shape, 0.0, None))
+            else:
+                plan.append((shape, self.temperature, round * 1000 + k))
+        return plan
 
     async def implement(self, ctx: RunContext, task: str, plan: Plan, *, round: int = 1,
                         feedback: str = "", existing: Mapping[str, str] | None = None,
@@ -118,18 +139,17 @@ class Coder:
                       if self.repetition_guard else [])
         base = agent.is_base_model()
         gate = asyncio.Semaphore(self.concurrency)
-        settings = [self._sampling(round, k) for k in range(self.samples)]
+        settings = self.sampling(round)
         per_file: dict[str, list[tuple[str, str | None, bool]]] = {}
         for index, path in enumerate(plan.files):  # step by step, in plan order
             async def one(k: int, path: str = path, first: bool = index == 0
                           ) -> tuple[str, str | None, bool]:
-                temperature, seed = settings[k]
+                shape, temperature, seed = settings[k]
                 async with gate:
                     return await self._write(agent, spec, plan, path, base=base,
                                              entry_file=first, feedback=feedback,
-                                             current=existing.get(path),
-                                             temperature=temperature, seed=seed,
-                                             primed=self._primed(k))
+                                             current=existing.get(path), shape=shape,
+                                             temperature=temperature, seed=seed)
             per_file[path] = await gather_all(one(k) for k in range(self.samples))
         candidates: list[Candidate] = []
         seen: set[tuple[str, ...]] = set()
@@ -142,29 +162,22 @@ class Coder:
             cut = next((per_file[p][k][1] for p in plan.files if per_file[p][k][1]), None)
             candidates.append(Candidate(
                 id=f"r{round}c{k}", round=round, sample=k, files=files,
-                temperature=settings[k][0], seed=settings[k][1], cut=cut,
+                temperature=settings[k][1], seed=settings[k][2], cut=cut,
                 salvaged=any(per_file[p][k][2] for p in plan.files)))
         return candidates
 
-    def _primed(self, k: int) -> bool:
-        return self.primer == "always" or (self.primer == "alternate" and k % 2 == 1)
-
-    def _sampling(self, round: int, k: int) -> tuple[float, int | None]:
-        if round == 1 and k == 0:
-            return 0.0, None
-        return self.temperature, round * 1000 + k
-
     async def _write(self, agent: Agent, spec: TaskSpec, plan: Plan, path: str, *, base: bool,
-                     entry_file: bool, feedback: str, current: str | None,
-                     temperature: float, seed: int | None, primed: bool = False,
-                     ) -> tuple[str, str | None, bool]:
+                     entry_file: bool, feedback: str, current: str | None, shape: Shape,
+                     temperature: float, seed: int | None) -> tuple[str, str | None, bool]:
         """One sample of one file: (content, why it was cut, whether it was salvaged)."""
         if base:
             lead, body, stops = self._base_prompt(spec, plan, path, entry_file=entry_file,
                                                   feedback=feedback, current=current,
-                                                  primed=primed)
+                                                  shape=shape)
+            one_line = stops == ["\n"]  # the "return" shape: one expression
             response = await agent.complete(prompt=lead + body, operation="implement",
-                                            stop=stops, temperature=temperature, seed=seed)
+                                            stop=stops, temperature=temperature, seed=seed,
+                                            max_tokens=64 if one_line else None)
             code = body + response.text
         else:
             messages = [Message.system(SYSTEM),
@@ -181,13 +194,17 @@ class Coder:
         return f"# A previous attempt was rejected by the reviewer:\n{body}\n\n"
 
     def _base_prompt(self, spec: TaskSpec, plan: Plan, path: str, *, entry_file: bool,
-                     feedback: str, current: str | None, primed: bool = False,
+                     feedback: str, current: str | None, shape: Shape = "free",
                      ) -> tuple[str, str, list[str]]:
         """(lead, body, stops): the model sees lead + body; the file is body + its answer."""
-        lead = PRIMER if primed else ""
+        stub = entry_file and spec.stub is not None and current is None
+        lead = PRIMER if stub and shape == "primed" else ""
         if feedback and self.feedback_in_prompt:
             lead += self._feedback_block(feedback)
-        if entry_file and spec.stub is not None and current is None:
+        if stub:
+            assert spec.stub is not None
+            if shape == "return":
+                return lead, f"{spec.stub.rstrip()}\n{_body_indent(spec.stub)}return ", ["\n"]
             return lead, spec.stub.rstrip() + "\n", list(STUB_STOPS)
         header = _comment("Task: " + spec.text.strip())
         if plan.steps:
@@ -208,6 +225,14 @@ class Coder:
         if feedback:
             parts.append(f"The reviewer rejected the previous attempt:\n{feedback.strip()}")
         return "\n\n".join(parts)
+
+
+def _body_indent(stub: str) -> str:
+    """The indentation of the stub's last function body (its docstring's), default 4 spaces."""
+    for line in reversed(stub.rstrip().splitlines()):
+        if line.strip() and line[0] in " \t":
+            return line[: len(line) - len(line.lstrip())]
+    return "    "
 
 
 def _comment(text: str) -> str:
