@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="Coder candidates per round")
     ap.add_argument("--rounds", type=int, default=2, help="team rounds at most")
     ap.add_argument("--max-tokens", type=int, default=320, help="tokens per completion")
-    ap.add_argument("--plan-tokens", type=int, default=160, help="tokens for the plan")
+    ap.add_argument("--plan-tokens", type=int, default=128, help="tokens for the plan")
     ap.add_argument("--temperature", type=float, default=0.8, help="Coder sampling temperature")
     ap.add_argument("--no-feedback", action="store_true",
                     help="keep the Reviewer's failing tests out of base-model prompts")

@@ -17,7 +17,7 @@ from conclave.agents import (
     repair_plan,
     salvage,
 )
-from conclave.agents.coder import PRIMER
+from conclave.agents.coder import primer
 from conclave.agents.planner import PLAN_SCHEMA
 from tests.agents._scripted import BASE, CHAT, answer, scripted_gateway, scripted_settings
 
@@ -57,20 +57,23 @@ async def test_coder_cycles_prompt_shapes_and_keeps_the_primer_out_of_the_file(t
         if request.prompt.endswith("    return "):
             assert request.stop == ["\n"] and request.max_tokens == 64
             return answer("x + 1")
-        if request.prompt.startswith(PRIMER):
+        if not request.prompt.startswith(STUB):  # a primer comes first
             return answer("    return x + 1\n")
         return answer("    return x + 2\n")
 
     gw, provider = scripted_gateway(scripted_settings(tmp_path), respond)
     ctx = RunContext(gw)
     plan = Plan(summary="s", steps=["x"], files=["inc.py"])
-    coder = Coder(model=BASE, samples=6)
-    assert coder.sampling(1) == [("free", 0.0, None), ("primed", 0.0, None),
-                                 ("return", 0.0, None), ("free", 0.8, 1003),
-                                 ("primed", 0.8, 1004), ("return", 0.8, 1005)]
-    assert [s for s, _, _ in coder.sampling(2)] == ["free", "primed", "return"] * 2
+    coder = Coder(model=BASE, samples=6, shapes=("free", "primed", "return"))
+    assert coder.sampling(1) == [("free", 0.0, None, 0), ("primed", 0.0, None, 0),
+                                 ("return", 0.0, None, 0), ("free", 0.8, 1003, 1),
+                                 ("primed", 0.0, None, 1), ("return", 0.8, 1005, 1)]
+    assert all(t == 0.8 for _, t, _, _ in coder.sampling(2))
     cands = await coder.implement(ctx, STUB, plan)
-    assert len(provider.requests) == 6
+    prompts = [r.prompt for _, r in provider.requests]
+    assert len(prompts) == 6
+    primed = sorted(p for p in prompts if not p.startswith(STUB))
+    assert primed == sorted([primer(0) + STUB, primer(1) + STUB]) and primer(0) != primer(1)
     assert [c.files["inc.py"] for c in cands] == [
         STUB + "    return x + 2\n", STUB + "    return x + 1\n"]
     assert [c.id for c in cands] == ["r1c0", "r1c1"]  # identical candidates dropped

@@ -42,33 +42,86 @@ STUB_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\
 FILE_STOPS = ["\nif __name__", "\n```", "\n# Task:", "\n\n\n\n"]
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
-#: short solved functions written for this purpose (not from any benchmark): they show a
-#: base model the shape of an answer (a direct body right after the docstring)
-PRIMER = '''def add(a: int, b: int) -> int:
+#: short solved functions written for this purpose (not taken from any benchmark): shown
+#: before a stub they teach a base model the shape of an answer (a direct body right after
+#: the docstring); each "primed" sample sees a different three, which varies the prompt
+#: (and so the answer) even when decoding greedily
+PRIMER_POOL = (
+    '''def add(a: int, b: int) -> int:
     """Return the sum of a and b.
     >>> add(2, 3)
     5
     """
     return a + b
-
-
-def count_vowels(text: str) -> int:
+''',
+    '''def count_vowels(text: str) -> int:
     """Count the vowels (a, e, i, o, u) in text, ignoring case.
     >>> count_vowels("Hello")
     2
     """
     return sum(1 for c in text.lower() if c in "aeiou")
-
-
-def evens(numbers: list) -> list:
+''',
+    '''def evens(numbers: list) -> list:
     """Keep the even numbers, in order.
     >>> evens([1, 2, 3, 4])
     [2, 4]
     """
     return [n for n in numbers if n % 2 == 0]
+''',
+    '''def reverse_words(sentence: str) -> str:
+    """Reverse the order of the words in a sentence.
+    >>> reverse_words("hello big world")
+    'world big hello'
+    """
+    return " ".join(reversed(sentence.split()))
+''',
+    '''def is_sorted(items: list) -> bool:
+    """Tell whether items are in non-decreasing order.
+    >>> is_sorted([1, 2, 2, 5])
+    True
+    """
+    return all(a <= b for a, b in zip(items, items[1:]))
+''',
+    '''def char_counts(text: str) -> dict:
+    """Count how often each character occurs in text.
+    >>> char_counts("aba")
+    {'a': 2, 'b': 1}
+    """
+    counts = {}
+    for ch in text:
+        counts[ch] = counts.get(ch, 0) + 1
+    return counts
+''',
+    '''def clamp(x: float, low: float, high: float) -> float:
+    """Limit x to the range from low to high.
+    >>> clamp(12, 0, 10)
+    10
+    """
+    return max(low, min(x, high))
+''',
+    '''def first_repeated(items: list):
+    """Return the first item that occurs twice, or None.
+    >>> first_repeated([3, 1, 3, 1])
+    3
+    """
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+''',
+)
 
 
-'''
+def primer(variant: int) -> str:
+    """Three solved functions from the pool; ``variant`` picks which three."""
+    n = len(PRIMER_POOL)
+    return "\n\n".join(PRIMER_POOL[(3 * variant + i) % n] for i in range(3)) + "\n\n"
+
+
+#: the first variant, kept for callers that want one fixed primer
+PRIMER = primer(0)
 
 SYSTEM = (
     "You are the Coder of a small coding team. Write correct, simple Python that does "
@@ -90,12 +143,13 @@ class Coder:
         feedback_in_prompt: put the Reviewer's failing tests into base-model prompts
             in later rounds (chat models always get the feedback).
         shapes: how a base model is asked to complete a stub, cycled over the samples
-            (the first round's first sample of each shape is greedy):
-            ``free`` the stub as it is; ``primed`` a few short solved functions
-            before it (a base model continues the style it was shown); ``return``
-            the body started as ``return`` and ended at the line break: a one-
-            expression answer, cheap, and it cannot ramble.  Other tasks and chat
-            models always get ``free``.
+            (see :meth:`sampling` for which are greedy):
+            ``free`` the stub as it is; ``primed`` three short solved functions
+            before it (a base model continues the style it was shown), another three
+            for each primed sample; ``return`` the body started as ``return`` and
+            ended at the line break (a one-expression answer: cheap, cannot ramble,
+            but Gemma 3 270M mostly returns a constant that way, so it is off by
+            default).  Other tasks and chat models always get ``free``.
     """
 
     name = "coder"
@@ -103,7 +157,7 @@ class Coder:
     def __init__(self, *, tier: int | None = 1, model: str | None = None, samples: int = 4,
                  temperature: float = 0.8, top_p: float = 0.95, concurrency: int = 2,
                  max_tokens: int = 384, feedback_in_prompt: bool = True,
-                 shapes: Sequence[Shape] = ("free", "primed", "return"),
+                 shapes: Sequence[Shape] = ("free", "primed"),
                  repetition_guard: bool = True) -> None:
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples}")
@@ -117,15 +171,25 @@ class Coder:
         self.shapes: tuple[Shape, ...] = tuple(shapes)
         self.repetition_guard = repetition_guard
 
-    def sampling(self, round: int) -> list[tuple[Shape, float, int | None]]:
-        """(shape, temperature, seed) of each sample of a round."""
-        plan = []
+    def sampling(self, round: int) -> list[tuple[Shape, float, int | None, int]]:
+        """(shape, temperature, seed, primer variant) of each sample of a round.
+
+        Shapes take turns.  In the first round ``free`` and ``return`` samples are
+        greedy the first time and sampled after; ``primed`` samples stay greedy, each
+        with another primer (the prompt varies, not the dice).  Later rounds sample.
+        """
+        plan: list[tuple[Shape, float, int | None, int]] = []
+        counts: dict[str, int] = {}
         for k in range(self.samples):
             shape = self.shapes[k % len(self.shapes)]
-            if round == 1 and k < len(self.shapes):
-                plan.append((shape, 0.0, None))
+            nth = counts.get(shape, 0)
+            counts[shape] = nth + 1
+            variant = (round - 1) * self.samples + nth
+            greedy = round == 1 and (nth == 0 or shape == "primed")
+            if greedy:
+                plan.append((shape, 0.0, None, variant))
             else:
-                plan.append((shape, self.temperature, round * 1000 + k))
+                plan.append((shape, self.temperature, round * 1000 + k, variant))
         return plan
 
     async def implement(self, ctx: RunContext, task: str, plan: Plan, *, round: int = 1,
@@ -144,12 +208,13 @@ class Coder:
         for index, path in enumerate(plan.files):  # step by step, in plan order
             async def one(k: int, path: str = path, first: bool = index == 0
                           ) -> tuple[str, str | None, bool]:
-                shape, temperature, seed = settings[k]
+                shape, temperature, seed, variant = settings[k]
                 async with gate:
                     return await self._write(agent, spec, plan, path, base=base,
                                              entry_file=first, feedback=feedback,
                                              current=existing.get(path), shape=shape,
-                                             temperature=temperature, seed=seed)
+                                             variant=variant, temperature=temperature,
+                                             seed=seed)
             per_file[path] = await gather_all(one(k) for k in range(self.samples))
         candidates: list[Candidate] = []
         seen: set[tuple[str, ...]] = set()
@@ -168,12 +233,13 @@ class Coder:
 
     async def _write(self, agent: Agent, spec: TaskSpec, plan: Plan, path: str, *, base: bool,
                      entry_file: bool, feedback: str, current: str | None, shape: Shape,
-                     temperature: float, seed: int | None) -> tuple[str, str | None, bool]:
+                     temperature: float, seed: int | None, variant: int = 0,
+                     ) -> tuple[str, str | None, bool]:
         """One sample of one file: (content, why it was cut, whether it was salvaged)."""
         if base:
             lead, body, stops = self._base_prompt(spec, plan, path, entry_file=entry_file,
                                                   feedback=feedback, current=current,
-                                                  shape=shape)
+                                                  shape=shape, variant=variant)
             one_line = stops == ["\n"]  # the "return" shape: one expression
             response = await agent.complete(prompt=lead + body, operation="implement",
                                             stop=stops, temperature=temperature, seed=seed,
@@ -195,10 +261,10 @@ class Coder:
 
     def _base_prompt(self, spec: TaskSpec, plan: Plan, path: str, *, entry_file: bool,
                      feedback: str, current: str | None, shape: Shape = "free",
-                     ) -> tuple[str, str, list[str]]:
+                     variant: int = 0) -> tuple[str, str, list[str]]:
         """(lead, body, stops): the model sees lead + body; the file is body + its answer."""
         stub = entry_file and spec.stub is not None and current is None
-        lead = PRIMER if stub and shape == "primed" else ""
+        lead = primer(variant) if stub and shape == "primed" else ""
         if feedback and self.feedback_in_prompt:
             lead += self._feedback_block(feedback)
         if stub:

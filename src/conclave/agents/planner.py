@@ -24,9 +24,9 @@ from conclave.llm.types import Message, ResponseFormat
 PLAN_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "summary": {"type": "string", "minLength": 8, "maxLength": 160},
-        "steps": {"type": "array", "minItems": 1, "maxItems": 5,
-                  "items": {"type": "string", "minLength": 8, "maxLength": 120}},
+        "summary": {"type": "string", "minLength": 8, "maxLength": 120},
+        "steps": {"type": "array", "minItems": 1, "maxItems": 4,
+                  "items": {"type": "string", "minLength": 8, "maxLength": 100}},
         "files": {"type": "array", "minItems": 1, "maxItems": 3,
                   "items": {"type": "string", "pattern": "^[a-z_][a-z0-9_]{0,40}\\.py$"}},
     },
@@ -36,7 +36,7 @@ PLAN_SCHEMA: dict[str, Any] = {
 
 SYSTEM = (
     "You are the Planner of a small coding team. Read the task and plan the work for the "
-    "Coder: a one-line summary, one to five short concrete steps, and the Python files to "
+    "Coder: a one-line summary, one to four short concrete steps, and the Python files to "
     "write. Answer with one JSON object with the keys summary, steps and files.\n\n"
     # One worked example: small base models follow a shown pattern far better than an
     # instruction (without it Gemma 3 270M fills the schema with "1").
