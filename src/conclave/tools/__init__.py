@@ -19,7 +19,9 @@ Define a tool with a typed function::
     messages.append(result.to_message())
 
 The code workbench (:class:`CodeWorkbench`) registers read-only analysis
-tools for Python source under the ``code`` namespace.
+tools for Python source under the ``code`` namespace; the search workbench
+(:class:`SearchWorkbench`) registers hybrid, dense, keyword, filtered and
+reranked search over a RAG index under the ``search`` namespace.
 """
 
 from conclave.tools.code import CodeWorkbench
@@ -31,6 +33,7 @@ from conclave.tools.errors import (
 )
 from conclave.tools.registry import Namespace, ToolErrorKind, ToolRegistry, ToolResult
 from conclave.tools.schema import inline_refs, parse_docstring, to_strict
+from conclave.tools.search import SearchHit, SearchResults, SearchWorkbench
 from conclave.tools.tool import (
     FunctionTool,
     SchemaTool,
@@ -46,6 +49,9 @@ __all__ = [
     "FunctionTool",
     "Namespace",
     "SchemaTool",
+    "SearchHit",
+    "SearchResults",
+    "SearchWorkbench",
     "StrictSchemaError",
     "Tool",
     "ToolDefinitionError",
