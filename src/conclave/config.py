@@ -7,8 +7,10 @@ defaults.  Provider keys use the names every provider documents
 nested ones with ``__`` (``CONCLAVE_LOCAL__CTX_SIZE=8192``).
 
 The catalog (``data/catalog.yaml``) lists providers and models with tier,
-locality, kind (chat or base), context length and prices.  A user catalog
-(``catalog_file``) is merged over it: same model name replaces, new names add.
+locality, kind (chat, base or embedding), context length and prices.  A user
+catalog (``catalog_file``) is merged over it: same model name replaces, new names add.
+Embedding models are served only by :meth:`conclave.gateway.Gateway.embed`, never
+by chat routing.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class ModelSpec(BaseModel):
     #: the model id the provider expects
     id: str
     tier: int = Field(ge=0, le=3)
-    kind: Literal["chat", "base"] = "chat"
+    #: chat and base models answer prompts; embedding models only embed (Gateway.embed)
+    kind: Literal["chat", "base", "embedding"] = "chat"
     context_length: int = 8192
     max_output_tokens: int = 4096
     price: Price | None = None
@@ -76,6 +79,8 @@ class ModelSpec(BaseModel):
     priority: int = 100
     #: sampling temperature when a request sets none (small base models answer best greedy)
     default_temperature: float | None = None
+    #: embedding models: the vector size, when known (saves a probe call on a new index)
+    dimensions: int | None = Field(None, ge=1)
     #: filled in from the provider when the catalog is loaded
     local: bool = False
 
@@ -96,6 +101,52 @@ class Catalog(BaseModel):
 
     def provider_of(self, model: ModelSpec) -> ProviderSpec:
         return self.providers[model.provider]
+
+    def embedding_model(self, ref: str) -> ModelSpec:
+        """The embedding model ``ref`` names: a catalog name or ``<provider>:<model id>``.
+
+        ``<provider>:<model id>`` is how ``CONCLAVE_RAG__EMBEDDER`` spells it
+        (``openai:text-embedding-3-small``).  An id the catalog does not list is
+        added for a local provider (Ollama, Jan...) at price 0, since any model
+        pulled there can embed; for a cloud provider it is an error, because an
+        unpriced model would escape every budget.
+        """
+        ref = ref.strip()
+        if ref in self.models:
+            spec = self.models[ref]
+            _require_embedding(spec)
+            return spec
+        provider, sep, model_id = ref.partition(":")
+        if not sep or not provider or not model_id:
+            raise ConfigError(
+                f"embedding model {ref!r} is not a catalog name or `<provider>:<model>`",
+                hint="e.g. openai:text-embedding-3-small; `conclave models` lists the catalog",
+            )
+        if provider not in self.providers:
+            raise ConfigError(f"embedding model names unknown provider {provider!r}",
+                              hint=f"known providers: {', '.join(sorted(self.providers))}")
+        pspec = self.providers[provider]
+        _require_embeddings_api(pspec)
+        found = [m for m in self.models.values()
+                 if m.provider == provider and model_id in (m.id, m.name)]
+        for spec in found:
+            if spec.kind == "embedding":
+                return spec
+        if found:
+            _require_embedding(found[0])
+        if not pspec.local:
+            raise ModelNotFound(
+                f"{provider!r} has no embedding model {model_id!r} in the catalog",
+                hint="add it to your catalog_file with `kind: embedding` and its price "
+                "(`price: {input: ..., output: 0}`), or pick a listed one",
+            )
+        # Named in the ``provider:id`` spelling, which catalog names (``provider/name``)
+        # do not use, so it cannot replace a listed model.
+        spec = ModelSpec(name=f"{provider}:{model_id}", provider=provider, id=model_id,
+                         tier=0, kind="embedding", local=True,
+                         price=Price(input=Decimal(0), output=Decimal(0)))
+        self.models[spec.name] = spec
+        return spec
 
     @classmethod
     def load(cls, extra: Path | None = None) -> Catalog:
@@ -120,10 +171,28 @@ class Catalog(BaseModel):
                         hint="add the provider under `providers:` in the catalog",
                     )
                 spec.local = providers[spec.provider].local
+                if spec.kind == "embedding":
+                    _require_embeddings_api(providers[spec.provider])
                 models[spec.name] = spec
         except ValidationError as exc:
             raise ConfigError(f"invalid model catalog: {_first_error(exc)}") from None
         return cls(providers=providers, models=models)
+
+
+def _require_embedding(spec: ModelSpec) -> None:
+    if spec.kind != "embedding":
+        raise ConfigError(
+            f"{spec.name!r} is a {spec.kind} model, not an embedding model",
+            hint="name a catalog model with `kind: embedding` (see `conclave models`)",
+        )
+
+
+def _require_embeddings_api(provider: ProviderSpec) -> None:
+    if provider.type not in ("openai", "ollama"):
+        raise ConfigError(
+            f"provider {provider.name!r} ({provider.type}) has no embeddings API",
+            hint="use an openai- or ollama-type provider for embeddings, or the local embedder",
+        )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -287,8 +356,10 @@ class RagSettings(BaseModel):
     qdrant_api_key: SecretStr | None = None
     #: name of the default index (one Qdrant collection plus its keyword side)
     collection: str = "conclave"
-    #: ``local`` (all-MiniLM-L6-v2 on this machine) or ``<provider>:<model>`` with a catalog
-    #: provider of type openai or ollama, e.g. ``openai:text-embedding-3-small``
+    #: ``local`` (all-MiniLM-L6-v2 on this machine) or ``<provider>:<model>`` naming a
+    #: catalog embedding model (or a catalog name), e.g. ``openai:text-embedding-3-small``;
+    #: remote embeddings go through the gateway (privacy, budgets, ledger); an unlisted
+    #: model of a local openai- or ollama-type provider is allowed at price 0
     embedder: str = "local"
     #: a sentence-transformers model directory for ``local``; None means the bundled MiniLM
     embedding_model_path: Path | None = None

@@ -12,6 +12,12 @@ accounting happen in one place and cannot be skipped:
             -> ledger: one invocation record, whatever the outcome
             -> response with usage, cost, latency and time to first token
 
+Embeddings take the same path (:meth:`Gateway.embed`): a named model of
+kind ``embedding``, the same privacy rule and retries, a reservation for the
+worst case (every input byte a token, at the model's input price), settlement
+for the reported tokens, and one ledger record with operation ``embeddings``
+and no output tokens.
+
 Accounting is optional (``accounting=None`` for library use without a
 ledger); when present it wraps the router here and nowhere else.
 """
@@ -36,7 +42,14 @@ from conclave.llm.providers import build_provider
 from conclave.llm.providers.base import Provider
 from conclave.llm.router import RoutePlan, Router
 from conclave.llm.streaming import ManagedStream, StreamPolicy
-from conclave.llm.types import ChatRequest, ChatResponse, StopReason, StreamChunk
+from conclave.llm.types import (
+    ChatRequest,
+    ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
+    StopReason,
+    StreamChunk,
+)
 
 if TYPE_CHECKING:
     from conclave.accounting import Accounting
@@ -77,6 +90,15 @@ def input_token_bound(request: ChatRequest) -> int:
     if request.response_format is not None:
         total += len(request.response_format.model_dump_json().encode())
     return total + 16
+
+
+def embed_token_bound(request: EmbedRequest) -> int:
+    """An upper bound on the tokens of texts to embed: their UTF-8 bytes.
+
+    As for prompts, no tokenizer makes more tokens than bytes; a few per input
+    cover the special tokens an embedding model adds around each text.
+    """
+    return sum(len(t.encode()) + 4 for t in request.inputs)
 
 
 class GatewayStream:
@@ -178,6 +200,31 @@ class Gateway:
         prices = {m.name: price_of(m, self.settings.default_price) for m in plan.candidates}
         return request, plan, prices
 
+    def prepare_embed(self, request: EmbedRequest
+                      ) -> tuple[EmbedRequest, RoutePlan, dict[str, Price]]:
+        """Route (privacy included) and price an embedding call before anything is sent."""
+        plan = self.router.plan_embed(request)
+        prices = {m.name: price_of(m, self.settings.default_price) for m in plan.candidates}
+        return request, plan, prices
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """One vector per input, from the named embedding model, accounted like a chat call.
+
+        A cloud model under privacy mode raises PrivacyViolation and a budget that
+        cannot cover the worst case raises BudgetExceeded, both before any byte is sent.
+        """
+        call = _Call(self, request, "embeddings")
+        request, plan, prices = await call.begin()
+        try:
+            response = await self.router.embed(request, plan)
+        except BaseException as exc:
+            await call.fail(exc)
+            raise
+        response.latency_ms = (time.perf_counter() - call.t0) * 1000
+        response.cost_usd = float(cost(response.usage, prices[response.model]))
+        await call.finish(response, None)
+        return response
+
     async def complete(
         self, request: ChatRequest, *, policies: Iterable[StreamPolicy] = ()
     ) -> ChatResponse:
@@ -226,7 +273,7 @@ class Gateway:
         call.managed = managed
         return GatewayStream(managed, routed.model, plan)
 
-    def cost_of(self, response: ChatResponse) -> Decimal:
+    def cost_of(self, response: ChatResponse | EmbedResponse) -> Decimal:
         """Exact decimal cost of a response (the float in ``cost_usd`` is for display)."""
         model = self.settings.catalog.model(response.model)
         return cost(response.usage, price_of(model, self.settings.default_price))
@@ -240,7 +287,8 @@ class _Call:
     what it consumed and its reservation never lingers.
     """
 
-    def __init__(self, gateway: Gateway, request: ChatRequest, operation: str) -> None:
+    def __init__(self, gateway: Gateway, request: ChatRequest | EmbedRequest,
+                 operation: str) -> None:
         self.gw = gateway
         self.request = request
         self.operation = request.metadata.get("operation", operation)
@@ -264,18 +312,24 @@ class _Call:
                 refs.append(ScopeRef(scope=scope, id=meta[key]))
         return refs
 
-    async def begin(self) -> tuple[ChatRequest, RoutePlan, dict[str, Price]]:
+    async def begin(self) -> tuple[Any, RoutePlan, dict[str, Price]]:
         try:
-            request, plan, prices = self.gw.prepare(self.request)
+            request: Any
+            if isinstance(self.request, EmbedRequest):
+                request, plan, prices = self.gw.prepare_embed(self.request)
+            else:
+                request, plan, prices = self.gw.prepare(self.request)
             self.request, self.plan = request, plan
             acc = self.gw.accounting
             if acc is not None:
                 # Fail closed while the ledger cannot write: a call we could not record
                 # must not happen (the records already queued are kept and written later).
                 acc.ledger.ensure_available()
-                bound = input_token_bound(request)
-                worst = max(worst_case_cost(bound, request.max_tokens or 0, p)
-                            for p in prices.values())
+                if isinstance(request, EmbedRequest):
+                    bound, max_out = embed_token_bound(request), 0
+                else:
+                    bound, max_out = input_token_bound(request), request.max_tokens or 0
+                worst = max(worst_case_cost(bound, max_out, p) for p in prices.values())
                 self.reservation = await acc.budgets.reserve(
                     self.scopes(), to_micros(worst), request_id=self.request_id,
                     ttl_s=self.gw.settings.accounting.reservation_ttl_s,
@@ -301,7 +355,8 @@ class _Call:
                     log.warning("could not release %s: %s (expires by TTL)", self.request_id, err)
             await acc.ledger.write(self._record(None, exc))
 
-    async def finish(self, response: ChatResponse, error: BaseException | None) -> None:
+    async def finish(self, response: ChatResponse | EmbedResponse,
+                     error: BaseException | None) -> None:
         """After output: settle what was consumed (release if nothing was) and record."""
         if self._done:
             return
@@ -323,16 +378,20 @@ class _Call:
                     self.gw._retry_settle(self.reservation, spent)
             await acc.ledger.write(self._record(response, error))
 
-    def _record(self, response: ChatResponse | None, error: BaseException | None) -> Any:
+    def _record(self, response: ChatResponse | EmbedResponse | None,
+                error: BaseException | None) -> Any:
         from conclave.accounting.ledger import InvocationRecord, Outcome
 
         meta = self.request.metadata
         ended = datetime.now(UTC)
+        # Embedding calls have no stop reason, token limit, tier request or first token.
+        stop = response.stop_reason if isinstance(response, ChatResponse) else None
+        chat = self.request if isinstance(self.request, ChatRequest) else None
         if error is not None:
             outcome = Outcome.ERROR
         elif self.managed is not None and self.managed.cut:
             outcome = Outcome.CUT
-        elif response is not None and response.stop_reason is StopReason.CANCELLED:
+        elif stop is StopReason.CANCELLED:
             outcome = Outcome.CANCELLED
         else:
             outcome = Outcome.SUCCESS
@@ -351,11 +410,11 @@ class _Call:
             operation=self.operation,
             provider=(response.provider or None) if response else None,
             request_model=self.request.model or (
-                f"tier-{self.request.tier if self.request.tier is not None else 0}"),
+                f"tier-{chat.tier if chat is not None and chat.tier is not None else 0}"),
             response_model=(response.model or None) if response else None,
             response_id=(response.id or None) if response else None,
-            max_tokens=self.request.max_tokens,
-            finish_reasons=[response.stop_reason.value] if response and response.model else [],
+            max_tokens=chat.max_tokens if chat is not None else None,
+            finish_reasons=[stop.value] if stop is not None and response.model else [],
             tier=response.tier if response and response.model else None,
             privacy=privacy,
             input_tokens=usage.input_tokens if usage else 0,
@@ -367,7 +426,8 @@ class _Call:
                          else to_micros(self.gw.cost_of(response)))
             if response and response.model else 0,
             latency_ms=int((time.perf_counter() - self.t0) * 1000),
-            ttft_ms=int(response.ttft_ms) if response and response.ttft_ms is not None else None,
+            ttft_ms=int(response.ttft_ms) if isinstance(response, ChatResponse)
+            and response.ttft_ms is not None else None,
             outcome=outcome,
             error_type=(getattr(error, "code", None) or type(error).__name__) if error else None,
             attributes={k: v for k, v in meta.items()

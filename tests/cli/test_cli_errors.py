@@ -61,6 +61,9 @@ def test_models_json_lists_catalog(tmp_path):
     assert by_name["anthropic/claude-opus-4-5"]["enabled"] is False
     assert by_name["anthropic/claude-opus-4-5"]["needs"] == "ANTHROPIC_API_KEY"
     assert {m["tier"] for m in data["models"]} == {0, 1, 2, 3}
+    embed = by_name["openai/text-embedding-3-small"]
+    assert embed["kind"] == "embedding" and embed["enabled"] is True
+    assert embed["price_input_per_mtok"] == "0.02" and embed["price_output_per_mtok"] == "0"
 
 
 def test_bad_config_file_is_a_clear_error(tmp_path):

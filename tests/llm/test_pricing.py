@@ -48,5 +48,10 @@ def test_default_catalog_prices_every_cloud_model(tmp_path):
     for model in settings.catalog.models.values():
         assert model.price is not None, model.name
         if not model.local:
-            assert model.price.input > 0 and model.price.output > 0, model.name
+            assert model.price.input > 0, model.name
+            # embedding models produce no output tokens; everything else bills them
+            assert (model.price.output == 0) == (model.kind == "embedding"), model.name
         assert 0 <= model.tier <= 3
+    small = settings.catalog.model("openai/text-embedding-3-small")
+    assert small.price.input == Decimal("0.02") and small.kind == "embedding"
+    assert settings.catalog.model("openai/text-embedding-3-large").price.input == Decimal("0.13")

@@ -2,8 +2,9 @@
 
 Real parts throughout: Qdrant in embedded local mode under a temporary data
 directory, the real MiniLM embedder, bm25s.  Crash safety uses an
-OpenAI-compatible embedding endpoint on a loopback server that starts failing
-mid-sync, the way a real endpoint goes down.
+OpenAI-compatible embedding endpoint (the local ``jan`` provider pointed at a
+loopback server, called through the gateway) that starts failing mid-sync, the
+way a real endpoint goes down.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from conclave.errors import BackendUnavailable, ConfigError, InvalidRequest, Overloaded
-from conclave.rag.embeddings import OpenAIEmbedder
+from conclave.gateway import Gateway
+from conclave.rag.embeddings import GatewayEmbedder
 from conclave.rag.index import HybridIndex, SyncProgress, point_id, qdrant_filter
 from conclave.rag.types import Chunk, DocMetadata, Document, Filter
 from tests.support.settings import make_settings
@@ -187,12 +189,14 @@ async def test_an_index_refuses_another_embedder(settings) -> None:
     async with await HybridIndex.open(settings) as index:
         await index.sync(CORPUS[:1], paragraphs)
     async with WireServer() as server:
-        other = OpenAIEmbedder(base_url=f"{server.url}/v1", model="other")
+        gw = Gateway(make_settings(settings.data_dir.parent, jan_base_url=f"{server.url}/v1"))
+        other = GatewayEmbedder(gw, "jan:other", owns_gateway=True)
         try:
             with pytest.raises(ConfigError, match="was built with embedder"):
                 await HybridIndex.open(settings, embedder=other)
         finally:
             await other.aclose()
+        assert server.requests == []  # refused on the name, before embedding anything
 
 
 async def test_empty_index_and_reset(settings) -> None:
@@ -226,13 +230,17 @@ class FlakyEndpoint:
 
 
 async def test_a_sync_that_dies_midway_leaves_the_index_as_it_was(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, rag={"embedding_cache": False})
     endpoint = FlakyEndpoint()
     docs = [doc(f"d{i}", f"document {i} talks about subject {i}\n\nsecond part {i}")
             for i in range(6)]
     async with WireServer(handler=endpoint) as server:
-        def embedder() -> OpenAIEmbedder:
-            return OpenAIEmbedder(base_url=f"{server.url}/v1", model="m", batch_size=4)
+        # no retries: the endpoint stays down, and the sync must fail on the first 503
+        settings = make_settings(tmp_path, rag={"embedding_cache": False},
+                                 jan_base_url=f"{server.url}/v1", routing={"max_retries": 0})
+        gateway = Gateway(settings)
+
+        def embedder() -> GatewayEmbedder:
+            return GatewayEmbedder(gateway, "jan:m", batch_size=4)
 
         index = await HybridIndex.open(settings, embedder=embedder())
         try:
@@ -273,6 +281,7 @@ async def test_a_sync_that_dies_midway_leaves_the_index_as_it_was(tmp_path: Path
             assert index.keyword_search("rewritten", k=10)
         finally:
             await index.aclose()
+            await gateway.aclose()
 
 
 # --- payload filter translation -------------------------------------------------------------

@@ -12,6 +12,11 @@ asked for by name is refused with :class:`PrivacyViolation` before anything
 is sent.  The network guard in :mod:`conclave.llm.net` enforces the same rule
 again at the socket, whatever the catalog says.
 
+Embedding models (``kind: embedding``) are never candidates of a tier and
+cannot be named in a chat request; :meth:`Router.plan_embed` and
+:meth:`Router.embed` serve them, named only, with the same privacy rule and
+the same retries.
+
 Retries use exponential backoff with full jitter and honour ``Retry-After``;
 a provider failing ``cooldown_failures`` times in a row is skipped for
 ``cooldown_seconds``.  A stream is retried only until its first chunk:
@@ -36,7 +41,13 @@ from conclave.errors import (
     ProviderError,
 )
 from conclave.llm.providers.base import Provider
-from conclave.llm.types import ChatRequest, ChatResponse, StreamChunk
+from conclave.llm.types import (
+    ChatRequest,
+    ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
+    StreamChunk,
+)
 
 
 @dataclass
@@ -101,9 +112,33 @@ class Router:
                 hint=f"drop the tier to use {request.model}, or drop the model to route by tier",
             )
         if request.model:
-            return RoutePlan([self._named(request.model, privacy)], privacy)
+            spec = self._named(request.model, privacy)
+            if spec.kind == "embedding":
+                raise InvalidRequest(
+                    f"{request.model!r} is an embedding model and cannot answer prompts",
+                    hint="name a chat model or a tier; embeddings go through Gateway.embed",
+                )
+            return RoutePlan([spec], privacy)
         tier = 0 if request.tier is None else request.tier
         return self._tier(tier, privacy)
+
+    def plan_embed(self, request: EmbedRequest) -> RoutePlan:
+        """The one model that may embed ``request``: named, of kind embedding, allowed.
+
+        Privacy is checked exactly as for chat, before anything is sent.
+        """
+        privacy = self.settings.privacy_mode if request.privacy is None else request.privacy
+        name = request.model
+        if name not in self.catalog.models and ":" in name:
+            # the ``provider:id`` spelling of CONCLAVE_RAG__EMBEDDER
+            name = self.catalog.embedding_model(name).name
+        spec = self.catalog.model(name)
+        if spec.kind != "embedding":
+            raise InvalidRequest(
+                f"{name!r} is a {spec.kind} model, not an embedding model",
+                hint="name a catalog model with `kind: embedding` (see `conclave models`)",
+            )
+        return RoutePlan([self._named(name, privacy)], privacy)
 
     def _named(self, name: str, privacy: bool) -> ModelSpec:
         spec = self.catalog.model(name)
@@ -129,7 +164,7 @@ class Router:
     def _tier(self, tier: int, privacy: bool) -> RoutePlan:
         usable = [
             m for m in self.catalog.models.values()
-            if self.enabled(m) and (m.local or not privacy)
+            if m.kind != "embedding" and self.enabled(m) and (m.local or not privacy)
         ]
         local = _ordered(m for m in usable if m.tier == 0 and m.local)
         note = None
@@ -224,6 +259,20 @@ class Router:
         response = result if isinstance(result, ChatResponse) else ChatResponse()
         response.model, response.provider, response.tier = spec.name, spec.provider, spec.tier
         response.routing_note = plan.note
+        return response
+
+    async def embed(self, request: EmbedRequest, plan: RoutePlan | None = None
+                    ) -> EmbedResponse:
+        """Embed with the planned model, retried on transient errors like a chat call."""
+        plan = plan or self.plan_embed(request)
+
+        async def run(spec: ModelSpec) -> EmbedResponse:
+            return await self.providers[spec.provider].embed(
+                spec, request, privacy=plan.privacy or spec.local)
+
+        spec, result, _ = await self._attempts(plan, run)
+        response = result if isinstance(result, EmbedResponse) else EmbedResponse()
+        response.model, response.provider, response.tier = spec.name, spec.provider, spec.tier
         return response
 
     async def stream(self, request: ChatRequest, plan: RoutePlan | None = None) -> RoutedStream:

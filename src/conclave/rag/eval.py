@@ -259,6 +259,7 @@ async def run_eval(settings: Settings, dataset: BeirDataset, *,
     documents (default ``max(5 * k, settings.rag.candidates)``), so a document
     with several chunks still leaves room for ``k`` distinct documents.
     """
+    from conclave.rag.embeddings import is_remote
     from conclave.rag.index import HybridIndex
     from conclave.rag.retrieval import MultiQuery, Retriever
 
@@ -269,17 +270,24 @@ async def run_eval(settings: Settings, dataset: BeirDataset, *,
     if k < 1:
         raise InvalidRequest(f"k must be at least 1, got {k}")
     depth = depth or max(5 * k, settings.rag.candidates)
-    index = await HybridIndex.open(settings, name=eval_index_name(dataset.folder))
     gateway = None
+    needs_llm = "hybrid+multiquery" in stages or settings.rag.reranker == "llm"
+    if needs_llm or is_remote(settings):
+        # one gateway for the rewriter, the LLM reranker and a remote embedder
+        from conclave.gateway import Gateway
+
+        gateway = Gateway(settings)
+    try:
+        index = await HybridIndex.open(settings, name=eval_index_name(dataset.folder),
+                                       gateway=gateway)
+    except BaseException:
+        if gateway is not None:
+            await gateway.aclose()
+        raise
     try:
         if fresh:
             await index.reset()
         await index_dataset(index, dataset, progress)
-        needs_llm = "hybrid+multiquery" in stages or settings.rag.reranker == "llm"
-        if needs_llm:
-            from conclave.gateway import Gateway
-
-            gateway = Gateway(settings)
         retriever = Retriever(index, settings=settings.rag, gateway=gateway)
         results: dict[str, dict[str, float]] = {}
         multi = MultiQuery(retriever, gateway) if gateway is not None else None
@@ -293,7 +301,7 @@ async def run_eval(settings: Settings, dataset: BeirDataset, *,
         return results
     finally:
         try:
+            await index.aclose()
+        finally:
             if gateway is not None:
                 await gateway.aclose()
-        finally:
-            await index.aclose()

@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from qdrant_client.http import models as qm
 
     from conclave.config import Settings
+    from conclave.gateway import Gateway
     from conclave.rag.embeddings import Embedder
 
 __all__ = [
@@ -267,13 +268,21 @@ class HybridIndex:
         self._sources: set[str] = set()
         self._write_lock = asyncio.Lock()
         self._closed = False
+        #: the embedder was built by :meth:`open` (not passed in), so closing is ours
+        self._owns_embedder = False
 
     # -- opening and closing ---------------------------------------------------------------
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, name: str | None = None,
-                   embedder: Embedder | None = None, root: Path | None = None) -> HybridIndex:
-        """Open (or create) the index ``name`` (default ``settings.rag.collection``)."""
+                   embedder: Embedder | None = None, root: Path | None = None,
+                   gateway: Gateway | None = None) -> HybridIndex:
+        """Open (or create) the index ``name`` (default ``settings.rag.collection``).
+
+        Without an ``embedder``, the one ``settings.rag.embedder`` names is built (and
+        closed with the index); a remote one calls models through ``gateway``, whose
+        accounting then records and budgets the embedding spend.
+        """
         from conclave.config import load_settings
         from conclave.rag.embeddings import build_embedder
 
@@ -285,16 +294,20 @@ class HybridIndex:
         base = root or rag.resolved_index_dir(settings.data_dir)
         path = base / name
         path.mkdir(parents=True, exist_ok=True)
-        embedder = embedder or build_embedder(settings)
+        owns = embedder is None
+        embedder = embedder or build_embedder(settings, gateway=gateway)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"qdrant-{name}")
         loop = asyncio.get_running_loop()
         try:
             client = await loop.run_in_executor(executor, cls._connect, rag, path)
         except BaseException:
             executor.shutdown(wait=False)
+            if owns:
+                await embedder.aclose()
             raise
         index = cls(root=path, name=name, client=client, collection=name, embedder=embedder,
                     local=rag.qdrant_url is None, executor=executor)
+        index._owns_embedder = owns
         try:
             await index._load()
         except BaseException:
@@ -484,6 +497,8 @@ class HybridIndex:
         finally:
             self._closed = True
             self._executor.shutdown(wait=True)
+            if self._owns_embedder:
+                await self.embedder.aclose()
 
     async def __aenter__(self) -> HybridIndex:
         return self

@@ -247,18 +247,25 @@ class FolderReport(BaseModel):
 class Rag:
     """A docs folder's index plus retrieval and answers; open with :meth:`open`."""
 
-    def __init__(self, settings: Settings, index: HybridIndex, folder: Path | None) -> None:
+    def __init__(self, settings: Settings, index: HybridIndex, folder: Path | None, *,
+                 gateway: Gateway | None = None, owns_gateway: bool = True) -> None:
         self.settings = settings
         self.index = index
         self.folder = folder
-        self._gateway: Gateway | None = None
+        self._gateway: Gateway | None = gateway
+        self._owns_gateway = owns_gateway
         self._retriever: Retriever | None = None
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, folder: Path | None = None,
-                   name: str | None = None) -> Rag:
-        """Open the index of ``folder`` (or the index ``name``); creates it when new."""
+                   name: str | None = None, gateway: Gateway | None = None) -> Rag:
+        """Open the index of ``folder`` (or the index ``name``); creates it when new.
+
+        ``gateway`` answers questions and, with a remote embedder, embeds (so its
+        accounting records both); without one, the Rag makes its own and closes it.
+        """
         from conclave.config import load_settings
+        from conclave.rag.embeddings import is_remote
         from conclave.rag.index import HybridIndex
 
         settings = settings or load_settings()
@@ -268,15 +275,25 @@ class Rag:
         if name is None:
             raise InvalidRequest("no docs folder and no index name given",
                                  hint="pass --docs DIR")
-        index = await HybridIndex.open(settings, name=name)
-        return cls(settings, index, folder)
+        owns = gateway is None
+        if gateway is None and is_remote(settings):
+            from conclave.gateway import Gateway
+
+            gateway = Gateway(settings)
+        try:
+            index = await HybridIndex.open(settings, name=name, gateway=gateway)
+        except BaseException:
+            if owns and gateway is not None:
+                await gateway.aclose()
+            raise
+        return cls(settings, index, folder, gateway=gateway, owns_gateway=owns)
 
     async def aclose(self) -> None:
         try:
-            if self._gateway is not None:
-                await self._gateway.aclose()
-        finally:
             await self.index.aclose()
+        finally:
+            if self._gateway is not None and self._owns_gateway:
+                await self._gateway.aclose()
 
     async def __aenter__(self) -> Rag:
         return self

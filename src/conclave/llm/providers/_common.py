@@ -1,4 +1,5 @@
-"""Small pieces every provider needs: its key, its base URL, tool-argument parsing."""
+"""Small pieces every provider needs: its key, its base URL, tool-argument parsing,
+embedding checks."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from conclave.config import ProviderSpec, Settings
-from conclave.errors import ConfigError, MissingCredentials
-from conclave.llm.types import Message, Role, ToolCall
+from conclave.errors import ConfigError, MalformedResponse, MissingCredentials
+from conclave.llm.streaming import estimate_tokens
+from conclave.llm.types import Message, Role, ToolCall, Usage
 
 #: returns the base URL of a server started on demand (the managed llama.cpp server)
 BaseUrlResolver = Callable[[], Awaitable[str]]
@@ -83,3 +85,34 @@ def arguments_json(call: ToolCall) -> str:
     if call.raw_arguments is not None and not call.arguments:
         return call.raw_arguments
     return json.dumps(call.arguments)
+
+
+def embedding_vectors(rows: Any, n: int, provider: str) -> list[list[float]]:
+    """``rows`` as ``n`` vectors of floats of one length, or a MalformedResponse.
+
+    Checked here so a provider that answers with the wrong count or shape fails as
+    that provider's error (not retried), before anything is billed as a success.
+    """
+    if not isinstance(rows, list) or len(rows) != n:
+        count = len(rows) if isinstance(rows, list) else 0
+        raise MalformedResponse(f"{provider} returned {count} embeddings for {n} inputs",
+                                provider=provider)
+    dim = None
+    for row in rows:
+        # (the numbers themselves are checked by EmbedResponse's validation)
+        if not isinstance(row, list) or not row:
+            raise MalformedResponse(f"{provider} returned an embedding that is not a list "
+                                    "of numbers", provider=provider)
+        if dim is None:
+            dim = len(row)
+        elif len(row) != dim:
+            raise MalformedResponse(f"{provider} returned embeddings of different lengths "
+                                    f"({dim} and {len(row)})", provider=provider)
+    return rows
+
+
+def embedding_usage(reported: int | None, inputs: list[str]) -> Usage:
+    """Billed input tokens: the provider's count, else an estimate marked ``estimated``."""
+    if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
+        return Usage(input_tokens=reported)
+    return Usage(input_tokens=sum(estimate_tokens(t) for t in inputs), estimated=True)

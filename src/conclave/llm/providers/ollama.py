@@ -16,6 +16,10 @@ gives each call an id so tool results can be matched back, and sends results
 as ``role: tool`` messages with ``tool_name``.  Note the SDK validates tool
 schemas into its own model, which keeps ``type``, ``description``, ``enum``
 and ``items`` of each top-level property and drops other keywords.
+
+Embeddings use ``/api/embed`` (``client.embed``) with the whole batch as
+``input``; the billed count is ``prompt_eval_count`` when the server reports
+it, else an estimate marked ``estimated``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from conclave.llm.providers._common import (
     BaseUrlResolver,
     api_key,
     base_url,
+    embedding_usage,
+    embedding_vectors,
     parse_arguments,
     tool_names_by_id,
 )
@@ -44,6 +50,8 @@ from conclave.llm.providers.openai_compat import base_prompt
 from conclave.llm.types import (
     ChatRequest,
     ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
     Message,
     ResponseFormat,
     Role,
@@ -201,6 +209,18 @@ class OllamaProvider(Provider):
                 stop_reason=stop_reason(resp.done_reason, bool(calls)),
                 usage=usage_from(resp), model=model.name, provider=self.name, tier=model.tier,
             )
+
+    async def embed(self, model: ModelSpec, request: EmbedRequest, *, privacy: bool
+                    ) -> EmbedResponse:
+        client, ctx = await self._client(privacy)
+        with ErrorBoundary(ctx):
+            resp = await client.embed(model=model.id, input=request.inputs)
+            vectors = [list(v) if isinstance(v, list | tuple) else v
+                       for v in resp.embeddings or []]
+            return EmbedResponse(
+                vectors=embedding_vectors(vectors, len(request.inputs), self.name),
+                usage=embedding_usage(resp.prompt_eval_count, request.inputs),
+                model=model.name, provider=self.name, tier=model.tier)
 
     async def stream(self, model: ModelSpec, request: ChatRequest, *, privacy: bool
                      ) -> AsyncIterator[StreamChunk]:

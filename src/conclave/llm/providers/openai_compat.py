@@ -30,6 +30,11 @@ here is the identity and cost about as much CPU as the whole HTTP exchange
 timeouts and error mapping are the same.  A non-streamed answer is read as
 bytes and parsed with orjson into plain dicts, checked field by field, instead
 of being built into the SDK's pydantic models we would only copy out of.
+
+Embeddings use ``client.embeddings.create(..., encoding_format="float")`` (a
+batch per call, so the SDK's per-call overhead does not matter there); rows
+are put back in input order by their ``index``, and ``usage.prompt_tokens`` is
+the billed count (estimated, and marked so, when a server reports none).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from conclave.llm.providers._common import (
     api_key,
     arguments_json,
     base_url,
+    embedding_usage,
+    embedding_vectors,
     parse_arguments,
 )
 from conclave.llm.providers._errors import ErrorBoundary, ErrorContext
@@ -61,6 +68,8 @@ from conclave.llm.providers.base import Provider
 from conclave.llm.types import (
     ChatRequest,
     ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
     Message,
     ResponseFormat,
     Role,
@@ -361,6 +370,24 @@ class OpenAICompatProvider(Provider):
             stop_reason=reason, usage=usage, model=model.name, provider=self.name,
             tier=model.tier,
         )
+
+    async def embed(self, model: ModelSpec, request: EmbedRequest, *, privacy: bool
+                    ) -> EmbedResponse:
+        client, ctx = await self._client(privacy)
+        with ErrorBoundary(ctx):
+            resp = await client.embeddings.create(model=model.id, input=request.inputs,
+                                                  encoding_format="float")
+            try:
+                rows = sorted(resp.data, key=lambda d: d.index)
+                vectors = [row.embedding for row in rows]
+                reported = getattr(resp.usage, "prompt_tokens", None)
+            except (AttributeError, TypeError):
+                raise MalformedResponse(f"{self.name} answered without embedding data",
+                                        provider=self.name) from None
+            return EmbedResponse(
+                vectors=embedding_vectors(vectors, len(request.inputs), self.name),
+                usage=embedding_usage(reported, request.inputs),
+                model=model.name, provider=self.name, tier=model.tier)
 
     async def stream(self, model: ModelSpec, request: ChatRequest, *, privacy: bool
                      ) -> AsyncIterator[StreamChunk]:
