@@ -30,10 +30,23 @@ def test_plan_repair_keeps_the_models_words_and_fixes_the_rest():
                         "files": ["../evil.py", "inc_impl.py", "notes.txt"]}, spec)
     assert plan == Plan(summary="Add one", steps=["Return x + 1"], files=["inc_impl.py"])
     plan = repair_plan({}, spec)
-    assert plan.files == ["inc.py"] and plan.summary.startswith("def inc")
+    assert plan.files == ["inc.py"] and plan.summary == "Add one"
     assert plan.steps == ["Implement def inc(x: int) -> int: in inc.py"]
     prose = repair_plan({"files": ["a.py", "b.py", "a.py"]}, parse_task("Build a tool"))
     assert prose.files == ["a.py", "b.py"] and prose.steps == ["Write a.py", "Write b.py"]
+
+
+def test_plan_repair_drops_a_copy_of_the_worked_example():
+    """Gemma 3 270M answered HumanEval stubs with the system prompt's example plan."""
+    from conclave.agents.planner import EXAMPLE_PLAN, EXAMPLE_TASK
+
+    spec = parse_task(STUB)
+    copied = repair_plan({**EXAMPLE_PLAN, "steps": [*EXAMPLE_PLAN["steps"], "Return x + 1"]},
+                         spec)
+    assert copied == Plan(summary="Add one", steps=["Return x + 1"], files=["inc.py"])
+    # the task that *is* the example keeps its plan
+    same = repair_plan(dict(EXAMPLE_PLAN), parse_task(EXAMPLE_TASK))
+    assert same.summary == EXAMPLE_PLAN["summary"] and same.files == ["largest.py"]
 
 
 async def test_planner_asks_for_schema_constrained_json(tmp_path):

@@ -34,17 +34,22 @@ PLAN_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+EXAMPLE_TASK = ("Write a function largest(a, b, c) that returns the largest of three "
+                "numbers.")
+EXAMPLE_PLAN: dict[str, Any] = {
+    "summary": "Return the largest of three numbers",
+    "steps": ["Compare a with b and keep the larger", "Compare it with c and return the larger"],
+    "files": ["largest.py"],
+}
+
 SYSTEM = (
     "You are the Planner of a small coding team. Read the task and plan the work for the "
     "Coder: a one-line summary, one to four short concrete steps, and the Python files to "
     "write. Answer with one JSON object with the keys summary, steps and files.\n\n"
     # One worked example: small base models follow a shown pattern far better than an
     # instruction (without it Gemma 3 270M fills the schema with "1").
-    "Example task: Write a function largest(a, b, c) that returns the largest of three "
-    "numbers.\n"
-    'Example plan: {"summary": "Return the largest of three numbers", "steps": ["Compare '
-    'a with b and keep the larger", "Compare it with c and return the larger"], "files": '
-    '["largest.py"]}'
+    f"Example task: {EXAMPLE_TASK}\n"
+    f"Example plan: {json.dumps(EXAMPLE_PLAN)}"
 )
 
 
@@ -94,9 +99,9 @@ def repair_plan(data: dict[str, Any], spec: TaskSpec, repo_files: Sequence[str] 
     Keeps the model's summary, steps and safe ``.py`` paths; fills only what is
     missing or unusable from the task statement itself.
     """
+    data = _without_echo(data, spec)
     summary = data.get("summary") if isinstance(data.get("summary"), str) else ""
-    first_line = next((ln.strip() for ln in spec.text.splitlines() if ln.strip()), "the task")
-    summary = " ".join(summary.split()) or first_line[:200]
+    summary = " ".join(summary.split()) or _task_summary(spec)
     steps = [" ".join(s.split()) for s in data.get("steps") or [] if isinstance(s, str)]
     steps = [s for s in steps if s][:5]
     files: list[str] = []
@@ -121,3 +126,41 @@ def repair_plan(data: dict[str, Any], spec: TaskSpec, repo_files: Sequence[str] 
     if not steps:
         steps = [f"Write {f}" for f in files]
     return Plan(summary=summary, steps=steps, files=files)
+
+
+def _norm(text: object) -> str:
+    return " ".join(str(text).lower().split()).strip(" .")
+
+
+def _without_echo(data: dict[str, Any], spec: TaskSpec) -> dict[str, Any]:
+    """``data`` without what the model copied from the prompt's worked example.
+
+    A small base model often answers with the example plan itself (Gemma 3 270M
+    planned "Return the largest of three numbers" for most HumanEval stubs); a
+    copied summary, step or file name says nothing about this task and would
+    mislead the Coder and the reader, so it is dropped and rebuilt from the task.
+    Parts that merely share words with the example stay.  When the task *is* the
+    example, nothing is dropped.
+    """
+    if _norm(EXAMPLE_TASK) in _norm(spec.text):
+        return data
+    example = {_norm(EXAMPLE_PLAN["summary"]), *map(_norm, EXAMPLE_PLAN["steps"])}
+    out = dict(data)
+    if _norm(out.get("summary", "")) in example:
+        out.pop("summary")
+    if isinstance(out.get("steps"), list):
+        out["steps"] = [s for s in out["steps"] if _norm(s) not in example]
+    if isinstance(out.get("files"), list):
+        out["files"] = [f for f in out["files"] if f not in EXAMPLE_PLAN["files"]]
+    return out
+
+
+def _task_summary(spec: TaskSpec) -> str:
+    """The task's own first sentence: its docstring's for a stub, else its first line."""
+    if spec.docstring:
+        text = " ".join(spec.docstring.split(">>>")[0].split())
+        first = text.split(". ")[0].strip().rstrip(".")
+        if first:
+            return first[:200]
+    return next((ln.strip() for ln in spec.text.splitlines() if ln.strip()), "the task")[:200]
+
