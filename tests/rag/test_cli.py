@@ -15,15 +15,18 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from conclave.accounting import InvocationRecord, LedgerQuery, open_accounting
 from conclave.config import load_settings
 from conclave.rag.pipeline import Rag, index_name_for, parse_filters
 from conclave.rag.types import Filter
+from tests.cli.test_cli_accounting import priced_env
 
 CONCLAVE = str(Path(sys.executable).with_name("conclave"))
 QUERY = "energy revenue backups install server item config city notes onboarding"
@@ -239,6 +242,42 @@ def test_ask_privacy_refuses_a_cloud_model_before_any_request(app, tmp_path: Pat
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_ask_refused_by_a_spent_budget_is_one_line_and_a_record(app, tmp_path: Path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.md").write_text("# Tides\n\nTides are caused by the moon.\n")
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CONCLAVE_")}
+    # a priced model whose upstream does not exist: only the budget may stop the call
+    env.update(priced_env(tmp_path, "http://127.0.0.1:9/v1"),
+               CONCLAVE_DATA_DIR=str(tmp_path / "data"),
+               CONCLAVE_CONFIG=str(tmp_path / "none.yaml"))
+    runner = CliRunner()
+    r = runner.invoke(app, ["budget", "set", "--limit", "0.000001", "--period", "lifetime"],
+                      env=env)
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["ask", "What causes tides?", "--docs", str(folder),
+                            "--model", "up/model"], env=env)
+    assert r.exit_code == 1
+    assert "budget global (lifetime" in r.stderr and "would be exceeded" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and "sk-upstream-secret-value" not in r.stderr
+    (rec,) = ledger_records(tmp_path / "data")
+    assert rec.operation == "rag_answer" and rec.error_type == "budget_exceeded"
+    assert rec.request_model == "up/model" and rec.input_tokens == 0
+
+
+def ledger_records(data_dir: Path, since: datetime | None = None) -> list[InvocationRecord]:
+    """The invocation records in the data directory's embedded ledger, newest first."""
+    async def go() -> list[InvocationRecord]:
+        acc = await open_accounting(load_settings(data_dir=data_dir))
+        try:
+            return await acc.ledger.list_records(LedgerQuery(since=since))
+        finally:
+            await acc.aclose()
+
+    return asyncio.run(go())
+
+
 def test_parse_filters_builds_one_filter():
     f = parse_filters(["tag=a,b", "tags=c", "type=md,PDF", "lang=Python", "path=./docs/api/",
                        "heading=Install > Debian", "after=2024-01-01",
@@ -274,6 +313,7 @@ def _env(data_dir: Path, tmp_path: Path) -> dict[str, str]:
 @pytest.mark.llama
 def test_ask_end_to_end_with_the_local_model(llama_server, doc_folder: Path, tmp_path: Path):
     env = _env(llama_server.settings.data_dir, tmp_path)
+    since = datetime.now(UTC)
     r = subprocess.run([CONCLAVE, "ask", "How much did revenue grow in the quarter?",
                         "--docs", str(doc_folder), "--filter", "type=pdf", "--json"],
                        capture_output=True, text=True, timeout=280, env=env,
@@ -295,6 +335,18 @@ def test_ask_end_to_end_with_the_local_model(llama_server, doc_folder: Path, tmp
         assert 1 <= c["n"] <= 5
     # the revenue passage is among the ones given to the model
     assert any("Revenue grew eleven percent" in c["snippet"] for c in data["citations"])
+
+    # the answer is one invocation record in the ledger, flushed before the command exited
+    r = subprocess.run([CONCLAVE, "spend", "--since", since.isoformat(), "--json"],
+                       capture_output=True, text=True, timeout=120, env=env,
+                       stdin=subprocess.DEVNULL)
+    (row,) = json.loads(r.stdout)["rows"]
+    assert row["key"] == "local/gemma-3-270m" and row["count"] == 1
+    assert (row["input_tokens"], row["output_tokens"]) == (
+        data["usage"]["input_tokens"], data["usage"]["output_tokens"])
+    (rec,) = ledger_records(llama_server.settings.data_dir, since)
+    assert rec.operation == "rag_answer" and rec.outcome.value == "success"
+    assert rec.response_model == "local/gemma-3-270m" and rec.tier == 0
 
     # human output: the answer, numbered sources, and the model line on stderr
     r = subprocess.run([CONCLAVE, "ask", "When do backups run?", "--docs", str(doc_folder)],

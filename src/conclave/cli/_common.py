@@ -1,13 +1,17 @@
-"""Shared CLI plumbing: one-line errors on stderr, JSON output, running coroutines."""
+"""Shared CLI plumbing: one-line errors on stderr, JSON output, running coroutines, and the
+accounting every command that calls a model opens (so the ledger and budgets see the CLI
+exactly as they see the API server)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
+import logging
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -15,7 +19,13 @@ from rich.console import Console
 
 from conclave.errors import ConclaveError
 
+if TYPE_CHECKING:
+    from conclave.accounting import Accounting
+    from conclave.config import Settings
+    from conclave.gateway import Gateway
+
 T = TypeVar("T")
+log = logging.getLogger("conclave.cli")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -59,3 +69,37 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+@asynccontextmanager
+async def cli_accounting(settings: Settings) -> AsyncIterator[Accounting]:
+    """The configured accounting (embedded SQLite, or PostgreSQL/Redis), drained on the way out.
+
+    Opening fails with BackendUnavailable naming the backend when a configured one does not
+    answer, before any model is called.  Closing drains the ledger, so the records of this
+    command are durable (or spilled to disk) before the process exits.  When the command
+    itself failed, that error is the one reported; a close failure on top is only logged.
+    """
+    from conclave.accounting import open_accounting
+
+    acc = await open_accounting(settings)
+    try:
+        yield acc
+    except BaseException:
+        try:
+            await acc.aclose()
+        except Exception as exc:  # the command's own error matters more
+            log.warning("closing the accounting after an error failed: %s", exc)
+        raise
+    await acc.aclose()
+
+
+@asynccontextmanager
+async def gateway_with_accounting(settings: Settings) -> AsyncIterator[Gateway]:
+    """A :class:`~conclave.gateway.Gateway` on :func:`cli_accounting`: every call it makes
+    is reserved against the budgets and written to the ledger.  The gateway closes first
+    (its pending settlements still need the budget store), then the accounting."""
+    from conclave.gateway import Gateway
+
+    async with cli_accounting(settings) as acc, Gateway(settings, accounting=acc) as gw:
+        yield gw

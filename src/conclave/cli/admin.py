@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from conclave.cli._common import cli_errors, out, print_json, run
+from conclave.cli._common import cli_accounting, cli_errors, out, print_json, run
 from conclave.config import Settings, load_settings
 from conclave.errors import InvalidRequest
 
@@ -26,13 +26,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 def _with_accounting(fn: Callable[[Any], Awaitable[T]]) -> T:
     async def go() -> T:
-        from conclave.accounting import open_accounting
-
-        acc = await open_accounting(load_settings())
-        try:
+        async with cli_accounting(load_settings()) as acc:
             return await fn(acc)
-        finally:
-            await acc.aclose()
 
     return run(go())
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from conclave.cli._common import cli_errors, err, out, print_json, run
+from conclave.cli._common import cli_errors, err, gateway_with_accounting, out, print_json, run
 from conclave.config import load_settings
 from conclave.llm.types import ChatRequest, ChatResponse, Message
 
@@ -77,9 +77,11 @@ def chat(
     temperature: Annotated[float | None, typer.Option("--temperature")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Ask a model once. With no model or tier, the local model answers (offline)."""
+    """Ask a model once. With no model or tier, the local model answers (offline).
+
+    The call is held against the budgets and written to the ledger (`conclave spend`).
+    """
     from conclave.errors import InvalidRequest
-    from conclave.gateway import Gateway
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -92,7 +94,7 @@ def chat(
                           temperature=temperature, privacy=True if privacy else None)
 
     async def go() -> ChatResponse:
-        async with Gateway(load_settings()) as gw:
+        async with gateway_with_accounting(load_settings()) as gw:
             if not stream:
                 return await gw.complete(request)
             s = await gw.stream(request)

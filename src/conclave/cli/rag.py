@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from conclave.cli._common import cli_errors, err, out, print_json, run
+from conclave.cli._common import cli_accounting, cli_errors, err, out, print_json, run
 from conclave.config import Settings, load_settings
 from conclave.errors import InvalidRequest
 from conclave.rag.pipeline import FILTER_HELP, FolderReport, parse_filters
@@ -78,16 +78,20 @@ def _settings(privacy: bool = False) -> Settings:
 
 def _with_rag(folder: Path | None, fn: Callable[[Any], Awaitable[T]], *,
               settings: Settings | None = None) -> T:
+    """Run ``fn(rag)`` on the folder's index, with the configured accounting open: answers,
+    rewrites, an LLM reranker and a remote embedder all go to the ledger and budgets."""
     _quiet_model_loading()
+    config = settings or load_settings()
 
     async def go() -> T:
         from conclave.rag.pipeline import Rag
 
-        rag = await Rag.open(settings or load_settings(), folder=folder)
-        try:
-            return await fn(rag)
-        finally:
-            await rag.aclose()
+        async with cli_accounting(config) as acc:
+            rag = await Rag.open(config, folder=folder, accounting=acc)
+            try:
+                return await fn(rag)
+            finally:
+                await rag.aclose()
 
     return run(go())
 
@@ -313,9 +317,14 @@ def eval_retrieval(
                   f"corpus[/]")
     settings = load_settings()
     _quiet_model_loading()
+
+    async def go(tell: Callable[[str, int, int], None]) -> dict[str, dict[str, float]]:
+        async with cli_accounting(settings) as acc:
+            return await run_eval(settings, data, stages=chosen, k=k, fresh=fresh,
+                                  progress=tell, accounting=acc)
+
     with progress_bar() as tell:
-        results = run(run_eval(settings, data, stages=chosen, k=k, fresh=fresh,
-                               progress=tell))
+        results = run(go(tell))
     if json_out:
         print_json(results)
         return

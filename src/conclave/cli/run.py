@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from conclave.cli._common import cli_errors, err, out, print_json, run
+from conclave.cli._common import cli_errors, err, gateway_with_accounting, out, print_json, run
 from conclave.config import load_settings
 from conclave.errors import InvalidRequest
 
@@ -90,24 +90,18 @@ def run_command(
                       + (" - approved" if payload["approved"] else ""))
 
     async def go() -> Any:
-        from conclave.accounting import open_accounting
         from conclave.bus import open_bus
-        from conclave.gateway import Gateway
 
-        acc = await open_accounting(settings)
-        try:
+        async with gateway_with_accounting(settings) as gw:
             bus = await open_bus(settings)
             try:
-                async with Gateway(settings, accounting=acc) as gw:
-                    team = Team(gw, bus, max_rounds=max_rounds, privacy=True if privacy else None,
-                                coder=Coder(samples=samples,
-                                            concurrency=max(1, settings.local.parallel)),
-                                on_event=progress)
-                    return await team.run(task, repo=repo, run_id=run_id, budget_usd=limit)
+                team = Team(gw, bus, max_rounds=max_rounds, privacy=True if privacy else None,
+                            coder=Coder(samples=samples,
+                                        concurrency=max(1, settings.local.parallel)),
+                            on_event=progress)
+                return await team.run(task, repo=repo, run_id=run_id, budget_usd=limit)
             finally:
                 await bus.aclose()
-        finally:
-            await acc.aclose()
 
     result = run(go())
     data = result.to_json()

@@ -46,6 +46,7 @@ from conclave.rag.metrics import evaluate
 from conclave.rag.types import Chunk, DocMetadata, Document, Hit
 
 if TYPE_CHECKING:
+    from conclave.accounting import Accounting
     from conclave.config import Settings
     from conclave.rag.index import HybridIndex, SyncReport
     from conclave.rag.retrieval import Mode, MultiQuery, Retriever
@@ -252,8 +253,12 @@ def _searcher(stage: str, retriever: Retriever, multi: MultiQuery | None,
 async def run_eval(settings: Settings, dataset: BeirDataset, *,
                    stages: Sequence[str] = STAGES, k: int = 10, depth: int | None = None,
                    fresh: bool = False, multiquery_concurrency: int = 2,
-                   progress: EvalProgress | None = None) -> dict[str, dict[str, float]]:
+                   progress: EvalProgress | None = None,
+                   accounting: Accounting | None = None) -> dict[str, dict[str, float]]:
     """Index the corpus and score each stage; one result per stage, keyed by its name.
+
+    ``accounting`` is where the model calls (rewrites, an LLM reranker, a remote
+    embedder) are budgeted and recorded; without it they are not accounted.
 
     ``depth`` is how many chunks each query retrieves before they are mapped to
     documents (default ``max(5 * k, settings.rag.candidates)``), so a document
@@ -276,7 +281,7 @@ async def run_eval(settings: Settings, dataset: BeirDataset, *,
         # one gateway for the rewriter, the LLM reranker and a remote embedder
         from conclave.gateway import Gateway
 
-        gateway = Gateway(settings)
+        gateway = Gateway(settings, accounting=accounting)
     try:
         index = await HybridIndex.open(settings, name=eval_index_name(dataset.folder),
                                        gateway=gateway)

@@ -40,6 +40,7 @@ from conclave.errors import InvalidRequest
 from conclave.rag.types import Filter, Hit
 
 if TYPE_CHECKING:
+    from conclave.accounting import Accounting
     from conclave.config import Settings
     from conclave.gateway import Gateway
     from conclave.rag.answer import Answer
@@ -248,21 +249,27 @@ class Rag:
     """A docs folder's index plus retrieval and answers; open with :meth:`open`."""
 
     def __init__(self, settings: Settings, index: HybridIndex, folder: Path | None, *,
-                 gateway: Gateway | None = None, owns_gateway: bool = True) -> None:
+                 gateway: Gateway | None = None, owns_gateway: bool = True,
+                 accounting: Accounting | None = None) -> None:
         self.settings = settings
         self.index = index
         self.folder = folder
         self._gateway: Gateway | None = gateway
         self._owns_gateway = owns_gateway
+        self._accounting = accounting
         self._retriever: Retriever | None = None
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, folder: Path | None = None,
-                   name: str | None = None, gateway: Gateway | None = None) -> Rag:
+                   name: str | None = None, gateway: Gateway | None = None,
+                   accounting: Accounting | None = None) -> Rag:
         """Open the index of ``folder`` (or the index ``name``); creates it when new.
 
         ``gateway`` answers questions and, with a remote embedder, embeds (so its
-        accounting records both); without one, the Rag makes its own and closes it.
+        accounting records both); without one, the Rag makes its own when it first
+        needs one, on ``accounting`` (the ledger and budgets its calls go to), and
+        closes it.  A gateway is not built before it is needed: indexing with a local
+        embedder never imports the provider SDKs.
         """
         from conclave.config import load_settings
         from conclave.rag.embeddings import is_remote
@@ -279,14 +286,15 @@ class Rag:
         if gateway is None and is_remote(settings):
             from conclave.gateway import Gateway
 
-            gateway = Gateway(settings)
+            gateway = Gateway(settings, accounting=accounting)
         try:
             index = await HybridIndex.open(settings, name=name, gateway=gateway)
         except BaseException:
             if owns and gateway is not None:
                 await gateway.aclose()
             raise
-        return cls(settings, index, folder, gateway=gateway, owns_gateway=owns)
+        return cls(settings, index, folder, gateway=gateway, owns_gateway=owns,
+                   accounting=accounting)
 
     async def aclose(self) -> None:
         try:
@@ -306,7 +314,7 @@ class Rag:
         if self._gateway is None:
             from conclave.gateway import Gateway
 
-            self._gateway = Gateway(self.settings)
+            self._gateway = Gateway(self.settings, accounting=self._accounting)
         return self._gateway
 
     @property
