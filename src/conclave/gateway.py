@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -213,17 +213,7 @@ class Gateway:
         A cloud model under privacy mode raises PrivacyViolation and a budget that
         cannot cover the worst case raises BudgetExceeded, both before any byte is sent.
         """
-        call = _Call(self, request, "embeddings")
-        request, plan, prices = await call.begin()
-        try:
-            response = await self.router.embed(request, plan)
-        except BaseException as exc:
-            await call.fail(exc)
-            raise
-        response.latency_ms = (time.perf_counter() - call.t0) * 1000
-        response.cost_usd = float(cost(response.usage, prices[response.model]))
-        await call.finish(response, None)
-        return response
+        return await self._accounted(request, "embeddings", self.router.embed)
 
     async def complete(
         self, request: ChatRequest, *, policies: Iterable[StreamPolicy] = ()
@@ -235,10 +225,16 @@ class Gateway:
             async for _ in stream:
                 pass
             return stream.response
-        call = _Call(self, request, "chat" if request.prompt is None else "text_completion")
+        operation = "chat" if request.prompt is None else "text_completion"
+        return await self._accounted(request, operation, self.router.complete)
+
+    async def _accounted(self, request: Any, operation: str,
+                         send: Callable[[Any, RoutePlan], Awaitable[Any]]) -> Any:
+        """One non-streamed call through the accounting: reserve, send, settle and record."""
+        call = _Call(self, request, operation)
         request, plan, prices = await call.begin()
         try:
-            response = await self.router.complete(request, plan)
+            response = await send(request, plan)
         except BaseException as exc:
             await call.fail(exc)
             raise
