@@ -135,6 +135,7 @@ def llamaindex_side(corpus: Path, store: Path, qs: list[str], model: Any,
     # the MiniLM tokenizer Conclave's chunker counts with (no special tokens, no truncation)
     tok = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
     tok.no_truncation()
+    tok.no_padding()  # tokenizer.json pads every text to a fixed length otherwise
     embed = llamaindex_embedding(model, batch_size)
     embed.get_query_embedding("warm up")
     if store.exists():
