@@ -386,6 +386,9 @@ class RagSettings(BaseModel):
     llm_tier: int = Field(1, ge=0, le=3)
     #: multi-query: number of rewrites besides the original query
     multi_query_n: int = Field(3, ge=1, le=10)
+    #: multi-query: rewrites whose embedding cosine with the question is below this are
+    #: dropped as drift (0 keeps every rewrite)
+    multi_query_min_similarity: float = Field(0.3, ge=0, le=1)
 
     def resolved_index_dir(self, data_dir: Path) -> Path:
         return self.index_dir if self.index_dir is not None else data_dir / "rag"

@@ -298,9 +298,23 @@ async def test_multi_query_fuses_the_rewrites(prose, gateway) -> None:
         "snapshot restore command", "bring a database back", "E4071"]
     hits = await mq.search("how do I recover lost data", k=3)
     assert hits[0].chunk.doc_id == "restore"
-    assert hits[0].signals["query_variants"] == 3.0
+    # "E4071" (cosine 0.11 with the question) is dropped as drift; the paraphrases stay
+    assert hits[0].signals["query_variants"] == 2.0
+    assert hits[0].signals["query_variants_dropped"] == 1.0
     assert len(server.requests) == 2
     assert "how do I recover lost data" in server.requests[0].json["messages"][-1]["content"]
+
+
+async def test_multi_query_drops_rewrites_that_drift(prose, gateway) -> None:
+    index, settings = prose
+    gw, _ = gateway
+    mq = MultiQuery(Retriever(index, settings=settings.rag), gw, n=3, model="up/model")
+    kept = await mq.on_topic("how do I recover lost data", [
+        "recover deleted files from a backup", "the weather in Paris is nice"])
+    assert kept == ["recover deleted files from a backup"]
+    off = MultiQuery(Retriever(index, settings=settings.rag.model_copy(
+        update={"multi_query_min_similarity": 0.0})), gw, n=3, model="up/model")
+    assert await off.on_topic("q", ["a", "b"]) == ["a", "b"]
 
 
 def test_parsers_of_model_answers() -> None:

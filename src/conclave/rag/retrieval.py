@@ -223,15 +223,34 @@ class MultiQuery:
         response = await self.gateway.complete(request)
         return parse_rewrites(response.text, query, self.n)
 
+    async def on_topic(self, query: str, variants: Sequence[str]) -> list[str]:
+        """The rewrites whose embedding stays close to the question's (drift guard).
+
+        A weak model (the local 270M base model offline) often answers the rewrite
+        prompt with text about something else; fused as equals, such variants pulled
+        ``hybrid+multiquery`` on the manpages dev set from nDCG@10 0.877 to 0.548.
+        A rewrite is kept when its cosine with the question is at least
+        ``multi_query_min_similarity``: paraphrases stay, drift goes.
+        """
+        floor = self.retriever.settings.multi_query_min_similarity
+        if not variants or floor <= 0:
+            return list(variants)
+        vectors = await self.retriever.index.embedder.embed([query, *variants])
+        sims = vectors[1:] @ vectors[0]
+        return [v for v, s in zip(variants, sims, strict=True) if float(s) >= floor]
+
     async def search(self, query: str, *, k: int = 10, filter: Filter | None = None,
                      mode: Mode = "hybrid", fusion: FusionName | None = None,
                      rerank: bool = False) -> list[Hit]:
-        variants = await self.rewrite(query)
+        written = await self.rewrite(query)
+        variants = await self.on_topic(query, written)
         depth = max(self.retriever.settings.candidates, k)
         lists = await asyncio.gather(*(
             self.retriever.search(q, k=depth, filter=filter, mode=mode, fusion=fusion)
             for q in [query, *variants]))
-        weights = [2.0] + [1.0] * len(variants)
+        # The original question holds at least half the say: rewrites may reorder and add
+        # what it missed, but agreeing rewrites cannot outvote it on their own.
+        weights = [max(2.0, float(len(variants)))] + [1.0] * len(variants)
         by_id: dict[str, Hit] = {}
         for hits in lists:
             for h in hits:
@@ -240,7 +259,9 @@ class MultiQuery:
                     k=self.retriever.settings.rrf_k, weights=weights)
         out = [by_id[cid].model_copy(update={
             "score": s, "signals": {**by_id[cid].signals, "fused_score": s,
-                                    "query_variants": float(len(variants))}})
+                                    "query_variants": float(len(variants)),
+                                    "query_variants_dropped":
+                                        float(len(written) - len(variants))}})
                for cid, s in fused]
         reranker = self.retriever.reranker if rerank else None
         if reranker is not None and out:
