@@ -165,6 +165,14 @@ _REWRITE_SCHEMA = {
 }
 
 
+_EXAMPLE_QUESTION = "how can I get rid of a folder and everything in it"
+_EXAMPLE_REWRITES = ["remove a directory recursively", "delete a non-empty directory",
+                     "rm -r command", "recursive folder deletion", "erase directory tree",
+                     "remove all files in a directory", "delete folder contents",
+                     "directory removal options", "force delete directory",
+                     "clean up a directory"]
+
+
 def parse_rewrites(text: str, original: str, n: int) -> list[str]:
     """Up to ``n`` distinct rewrites from a model's answer (JSON, else one per line)."""
     items: list[Any] = []
@@ -206,12 +214,15 @@ class MultiQuery:
         """Up to ``n`` rewrites of ``query`` (possibly fewer: duplicates are dropped)."""
         from conclave.llm.types import ChatRequest, Message, ResponseFormat
 
+        # A worked example, not a "..." template: the local base model copied the
+        # template's "..." literally as its only rewrite.
         prompt = (
             f"Write {self.n} different search queries that would find documents answering "
-            "the question below. Use other words than the question where you can (synonyms, "
-            "the technical terms a manual would use). Reply with JSON like "
-            "{\"queries\": [\"...\", \"...\"]}.\n\n"
-            f"Question: {query}"
+            "the question. Use other words than the question where you can (synonyms, "
+            "the technical terms a manual would use). Reply with JSON.\n\n"
+            f"Question: {_EXAMPLE_QUESTION}\n"
+            f"JSON: {json.dumps({'queries': _EXAMPLE_REWRITES[:self.n]})}\n\n"
+            f"Question: {query}\nJSON:"
         )
         request = ChatRequest(
             messages=[Message.user(prompt)], tier=None if self.model else self.tier,
@@ -221,7 +232,13 @@ class MultiQuery:
             metadata={"operation": "rewrite"},
         )
         response = await self.gateway.complete(request)
-        return parse_rewrites(response.text, query, self.n)
+        rewrites = parse_rewrites(response.text, query, self.n)
+        # a weak model may answer with the example's own rewrites: they are not about this
+        # question (unless it is the example's)
+        echoed = {r.lower() for r in _EXAMPLE_REWRITES}
+        if query.strip().lower() != _EXAMPLE_QUESTION:
+            rewrites = [r for r in rewrites if r.lower() not in echoed]
+        return rewrites
 
     async def on_topic(self, query: str, variants: Sequence[str]) -> list[str]:
         """The rewrites whose embedding stays close to the question's (drift guard).
