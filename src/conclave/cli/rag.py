@@ -302,15 +302,10 @@ def eval_retrieval(
     json_out: JsonOpt = False,
 ) -> None:
     """nDCG, Recall and MRR at k for each retrieval stage on a BEIR-format dataset."""
-    from conclave.rag.eval import STAGES, load_beir, run_eval
+    from conclave.rag.eval import STAGES, check_stages, load_beir, run_eval
 
     chosen = tuple(s.strip() for s in stages.split(",") if s.strip()) if stages else STAGES
-    bad = [s for s in chosen if s not in STAGES]
-    if bad or not chosen:
-        raise InvalidRequest(f"unknown stage {bad[0]!r}" if bad else "--stages is empty",
-                             hint=f"choose from {', '.join(STAGES)}")
-    if k < 1:
-        raise InvalidRequest(f"--k must be at least 1, got {k}")
+    check_stages(chosen, k)
     data = load_beir(dataset, split=split)
     if data.missing_docs and not json_out:
         err.print(f"[yellow]{len(data.missing_docs)} judged document(s) are not in the "

@@ -250,6 +250,16 @@ def _searcher(stage: str, retriever: Retriever, multi: MultiQuery | None,
     return lambda q: retriever.search(q, k=depth, mode=mode)
 
 
+def check_stages(stages: Sequence[str], k: int) -> None:
+    """Refuse an empty or unknown stage list or a cut-off below 1, before any work."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise InvalidRequest(f"unknown stage {unknown[0]!r}" if unknown else "no stage given",
+                             hint=f"choose from {', '.join(STAGES)}")
+    if k < 1:
+        raise InvalidRequest(f"k must be at least 1, got {k}")
+
+
 async def run_eval(settings: Settings, dataset: BeirDataset, *,
                    stages: Sequence[str] = STAGES, k: int = 10, depth: int | None = None,
                    fresh: bool = False, multiquery_concurrency: int = 2,
@@ -268,12 +278,7 @@ async def run_eval(settings: Settings, dataset: BeirDataset, *,
     from conclave.rag.index import HybridIndex
     from conclave.rag.retrieval import MultiQuery, Retriever
 
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise InvalidRequest(f"unknown stage {unknown[0]!r}" if unknown else "no stage given",
-                             hint=f"choose from {', '.join(STAGES)}")
-    if k < 1:
-        raise InvalidRequest(f"k must be at least 1, got {k}")
+    check_stages(stages, k)
     depth = depth or max(5 * k, settings.rag.candidates)
     gateway = None
     needs_llm = "hybrid+multiquery" in stages or settings.rag.reranker == "llm"
