@@ -2,13 +2,17 @@
 
     python bench/devsets/build.py manpages   # manpages/: corpus, queries and qrels
     python bench/devsets/build.py pydoc      # pydoc-paraphrase/corpus.jsonl only
+    python bench/devsets/build.py pycode     # pycode/: corpus, queries and qrels
 
 ``manpages``: the queries are the man pages' own NAME lines, so the whole set
 (corpus, queries, qrels) is derived here.  ``pydoc``: only the corpus is
 derived; its queries and qrels were written by hand and are kept in the
-repository (see that folder's README.md).  The files in the repository are the
-dev sets; rerunning this on another machine (other packages, another Python)
-gives a different corpus, which is why the output is committed.
+repository (see that folder's README.md).  ``pycode``: the queries are the
+first lines of standard-library docstrings, the documents the functions'
+source code with the docstring cut out, so the whole set is derived here.
+The files in the repository are the dev sets; rerunning this on another
+machine (other packages, another Python) gives a different corpus, which is
+why the output is committed.
 """
 
 from __future__ import annotations
@@ -147,9 +151,97 @@ def build_pydoc(out: Path) -> None:
     print(f"pydoc: {len(docs)} documents (Python {sys.version.split()[0]}) -> {out}")
 
 
+# --- pycode -----------------------------------------------------------------------------
+
+#: pure-Python standard-library modules, none of them in PYDOC_MODULES (a held-out set)
+PYCODE_MODULES = (
+    "argparse", "ast", "cmd", "codeop", "colorsys", "configparser", "dis",
+    "email.utils", "email.message", "email.header", "ftplib", "fractions", "getopt",
+    "gettext", "html", "http.cookiejar", "http.client", "imaplib", "ipaddress", "logging",
+    "mailbox", "mimetypes", "netrc", "optparse", "pickletools", "plistlib", "poplib",
+    "pprint", "quopri", "sched", "smtplib", "sysconfig", "tabnanny", "tokenize", "trace",
+    "urllib.request", "wave", "webbrowser", "xml.dom.minidom", "zipapp", "pstats",
+    "dataclasses", "enum", "typing", "numbers", "selectors", "asyncio.tasks",
+    "asyncio.streams", "concurrent.futures._base", "importlib.metadata", "json.decoder",
+)
+PYCODE_QUERIES = 60
+PYCODE_SEED = 7
+PYCODE_MIN_SOURCE = 200
+
+
+def _without_docstring(source: str) -> str | None:
+    """The function's source with its docstring lines cut out (None if it has none)."""
+    import ast
+    import textwrap as tw
+
+    source = tw.dedent(source)
+    try:
+        node = ast.parse(source).body[0]
+    except (SyntaxError, IndexError):
+        return None
+    body = getattr(node, "body", None)
+    if not body or not isinstance(body[0], ast.Expr) or not isinstance(
+            getattr(body[0], "value", None), ast.Constant) or not isinstance(
+            body[0].value.value, str):
+        return None
+    lines = source.splitlines()
+    first, last = body[0].lineno - 1, body[0].end_lineno
+    return "\n".join(lines[:first] + lines[last:]).strip()
+
+
+def _summary(doc: str) -> str:
+    """The docstring's first sentence (its first paragraph, cut at the first full stop)."""
+    para = re.sub(r"\s+", " ", doc.strip().split("\n\n")[0]).strip()
+    m = re.match(r"(.+?[.!?])(\s|$)", para)
+    return (m.group(1) if m else para).strip()
+
+
+def build_pycode(out: Path) -> None:
+    docs: dict[str, dict[str, str]] = {}
+    summaries: dict[str, str] = {}
+    seen: set[str] = set()
+    for modname in PYCODE_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        for qual, obj in _members(mod, modname):
+            if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            try:
+                code = _without_docstring(inspect.getsource(obj))
+            except (OSError, TypeError):
+                continue
+            summary = _summary(doc)
+            if (code is None or len(code) < PYCODE_MIN_SOURCE or len(summary.split()) < 4
+                    or "deprecated" in summary.lower()
+                    or summary.lower() in seen or code in seen):
+                continue
+            seen.update((summary.lower(), code))
+            docs[qual] = {"_id": qual, "title": qual, "text": code[:MAX_BODY]}
+            summaries[qual] = summary
+    ids = sorted(docs)
+    picked = sorted(random.Random(PYCODE_SEED).sample(ids, PYCODE_QUERIES))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qrels").mkdir(exist_ok=True)
+    with (out / "corpus.jsonl").open("w") as f:
+        for qual in ids:
+            f.write(json.dumps(docs[qual]) + "\n")
+    with (out / "queries.jsonl").open("w") as f, (out / "qrels" / "test.tsv").open("w") as q:
+        q.write("query-id\tcorpus-id\tscore\n")
+        for n, qual in enumerate(picked, 1):
+            f.write(json.dumps({"_id": f"q{n}", "text": summaries[qual]}) + "\n")
+            q.write(f"q{n}\t{qual}\t1\n")
+    print(f"pycode: {len(ids)} documents, {len(picked)} queries "
+          f"(Python {sys.version.split()[0]}) -> {out}")
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     if which in ("manpages", "all"):
         build_manpages(HERE / "manpages")
     if which in ("pydoc", "all"):
         build_pydoc(HERE / "pydoc-paraphrase")
+    if which in ("pycode", "all"):
+        build_pycode(HERE / "pycode")

@@ -376,6 +376,10 @@ class RagSettings(BaseModel):
     #: fraction of the query's attainable BM25 score to 1 at floor + span
     keyword_confidence_floor: float = Field(0.25, ge=0, le=1)
     keyword_confidence_span: float = Field(0.2, gt=0, le=1)
+    #: weighted fusion: the keyword side counts fully only when the dense side's best chunk
+    #: holds at least this fraction of the query's attainable BM25 score, proportionally
+    #: less below it (a paraphrased question shares no words with what it is about); 0 = off
+    keyword_shared_floor: float = Field(0.1, ge=0, le=1)
     #: reranker used when a search asks for reranking
     reranker: Literal["offline", "cross-encoder", "llm", "none"] = "offline"
     #: sentence-transformers CrossEncoder weights (a local directory) for ``cross-encoder``

@@ -85,6 +85,58 @@ def test_weighted_values_and_weights() -> None:
     assert [i for i, _ in weighted([dense, keyword], weights=[1.0, 0.0])] == ["a", "b", "c"]
 
 
+def test_weighted_groups_give_a_document_the_best_of_its_chunks_on_each_side() -> None:
+    # doc "x" has chunk x1 (the dense side's best) and x2 (the keyword side's best);
+    # chunk "y" is second on both sides.  Per chunk, y wins; per document, x does.
+    dense = [("x1", 0.9), ("y", 0.8), ("z", 0.1), ("x2", 0.0)]
+    keyword = [("x2", 10.0), ("y", 8.0), ("z", 0.0), ("x1", 0.0)]
+    per_chunk = weighted([dense, keyword])
+    assert per_chunk[0][0] == "y"
+    groups = {"x1": "x", "x2": "x", "y": "y", "z": "z"}
+    fused = weighted([dense, keyword], groups=groups)
+    assert [i for i, _ in fused][:2] == ["x1", "y"]
+    scores = dict(fused)
+    # the leader carries the group: max dense (1.0) + max keyword (1.0)
+    assert scores["x1"] == pytest.approx(2.0)
+    # the other chunk keeps its own score (dense 0.0 + keyword 1.0), below its leader
+    assert scores["x2"] == pytest.approx(1.0)
+    assert scores["y"] == pytest.approx(0.8 / 0.9 + 0.8)
+    # weights apply to the group evidence as to the items
+    half = dict(weighted([dense, keyword], weights=[1.0, 0.5], groups=groups))
+    assert half["x1"] == pytest.approx(1.5)
+
+
+def test_weighted_groups_of_one_change_nothing() -> None:
+    rng = random.Random(11)
+    for _ in range(100):
+        ids = [f"c{i}" for i in range(12)]
+        a = [(i, rng.random()) for i in rng.sample(ids, 8)]
+        b = [(i, rng.random() * 20) for i in rng.sample(ids, 6)]
+        w = [1.0, rng.random()]
+        plain = weighted([a, b], weights=w)
+        assert weighted([a, b], weights=w, groups={i: i for i in ids}) == plain
+        # an id missing from the mapping is a group of its own
+        assert weighted([a, b], weights=w, groups={"unrelated": "g"}) == plain
+
+
+def test_weighted_groups_keep_every_item_once_and_leaders_first() -> None:
+    rng = random.Random(5)
+    for _ in range(100):
+        ids = [f"c{i}" for i in range(15)]
+        groups = {i: f"d{rng.randint(0, 4)}" for i in ids}
+        a = [(i, rng.random()) for i in rng.sample(ids, 10)]
+        b = [(i, rng.random()) for i in rng.sample(ids, 7)]
+        fused = weighted([a, b], weights=[1.0, rng.random()], groups=groups)
+        assert sorted(i for i, _ in fused) == sorted({i for i, _ in a} | {i for i, _ in b})
+        first: dict[str, float] = {}
+        for i, s in fused:
+            g = groups[i]
+            if g in first:
+                assert s <= first[g] + 1e-12  # a sibling never outranks its leader
+            else:
+                first[g] = s
+
+
 @pytest.mark.parametrize("bad", [[1.0], [1.0, -1.0], [1.0, math.nan]])
 def test_bad_weights_are_refused(bad) -> None:
     with pytest.raises(ValueError):

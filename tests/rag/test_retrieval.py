@@ -206,6 +206,97 @@ async def test_hybrid_finds_exact_codes_and_paraphrases(prose) -> None:
     assert [h.score for h in rrf_hits] == sorted((h.score for h in rrf_hits), reverse=True)
 
 
+def _whole_id(doc_id: str) -> str:
+    text = PROSE[doc_id]
+    return Chunk.make_id(doc_id, 0, len(text), text)
+
+
+async def test_keyword_weight_needs_the_query_words_in_the_dense_winner(prose) -> None:
+    index, settings = prose
+    retriever = Retriever(index, settings=settings.rag)
+    query = "nightly backups kept in object storage"
+    keyword = index.keyword_search(query, k=10)
+    assert keyword[0][0] == _whole_id("backup")
+    # the dense side agrees: the keyword side is confident and counts fully
+    assert retriever.keyword_weight(query, keyword, [(_whole_id("backup"), 0.8)]) == 1.0
+    # the dense side's best holds none of the query's words (a paraphrase match):
+    # the keyword side's confidence is about an incidental match, so it stays out
+    assert _whole_id("install") not in dict(keyword)
+    assert retriever.keyword_weight(query, keyword, [(_whole_id("install"), 0.8)]) == 0.0
+    # in between: scaled by the dense winner's share of the query's BM25 mass
+    partial = "nightly backups copied to object storage restore"
+    kw = index.keyword_search(partial, k=10)
+    alone = retriever.keyword_weight(partial, kw)
+    share = (index.keyword_scores(partial, [_whole_id("restore")])[0]
+             / index.keyword_max_score(partial))
+    floor = settings.rag.keyword_shared_floor
+    gated = retriever.keyword_weight(partial, kw, [(_whole_id("restore"), 0.8)])
+    assert alone > 0 and share > 0
+    assert share < floor
+    assert gated == pytest.approx(alone * share / floor)
+    # the check can be turned off
+    off = Retriever(index, settings=settings.rag.model_copy(update={"keyword_shared_floor": 0}))
+    assert off.keyword_weight(query, keyword, [(_whole_id("install"), 0.8)]) == 1.0
+
+
+async def test_hybrid_gives_a_document_the_best_of_its_chunks(tmp_path: Path) -> None:
+    """One document, two chunks: one the dense side's best, one the keyword side's."""
+    settings = make_settings(tmp_path)
+    index = await HybridIndex.open(settings)
+    try:
+        first = "When the database will not start, look in the server log for the reason."
+        second = "Codes: E4071, E4073, E4075."
+        other = "Nightly backups are copied to object storage and kept for thirty days."
+        text = f"{first}\n\n{second}"
+        doc = Document(id="guide", text=text,
+                       metadata=DocMetadata(source="guide.md", content_type="text"))
+        single = Document(id="faq", text=other,
+                          metadata=DocMetadata(source="faq.md", content_type="text"))
+
+        def two(d: Document) -> list[Chunk]:
+            if d.id == "faq":
+                return [Chunk(id=Chunk.make_id(d.id, 0, len(d.text), d.text), doc_id=d.id,
+                              text=d.text, start=0, end=len(d.text), metadata=d.metadata)]
+            cut = len(first)
+            return [Chunk(id=Chunk.make_id(d.id, a, b, d.text[a:b]), doc_id=d.id,
+                          text=d.text[a:b], start=a, end=b, metadata=d.metadata)
+                    for a, b in ((0, cut), (cut + 2, len(d.text)))]
+
+        await index.sync([doc, single], two)
+        # the keyword side counts fully here: this test is about the grouping
+        retriever = Retriever(index, settings=settings.rag.model_copy(update={
+            "keyword_confidence_floor": 0.0, "keyword_confidence_span": 0.01,
+            "keyword_shared_floor": 0.0}))
+        hits = await retriever.search("my postgres instance refuses to boot E4071",
+                                      k=10)
+        assert len(hits) == 3
+        by_doc: dict[str, list] = {}
+        for h in hits:
+            by_doc.setdefault(h.chunk.doc_id, []).append(h)
+        w = hits[0].signals["bm25_weight"]
+        assert w > 0
+        def norm(signal: str) -> dict[str, float]:
+            """Min-max over the chunks that side returned; 0 for the others."""
+            side = {h.chunk.id: h.signals[signal] for h in hits if signal in h.signals}
+            lo, hi = min(side.values()), max(side.values())
+            return {h.chunk.id: ((side[h.chunk.id] - lo) / (hi - lo) if hi > lo else 1.0)
+                    if h.chunk.id in side else 0.0 for h in hits}
+
+        nd, nb = norm("dense_score"), norm("bm25_score")
+        leader, sibling = by_doc["guide"]
+        # the guide's leading chunk carries the best of both of its chunks on each side
+        assert leader.score == pytest.approx(
+            max(nd[h.chunk.id] for h in by_doc["guide"])
+            + w * max(nb[h.chunk.id] for h in by_doc["guide"]))
+        # its other chunk keeps its own evidence and ranks below it
+        assert sibling.score == pytest.approx(nd[sibling.chunk.id] + w * nb[sibling.chunk.id])
+        assert sibling.score <= leader.score
+        # and the sibling's evidence is what lifted the leader above its own score
+        assert leader.score > nd[leader.chunk.id] + w * nb[leader.chunk.id] + 0.05
+    finally:
+        await index.aclose()
+
+
 async def test_offline_reranker_reorders_the_top_and_records_scores(prose) -> None:
     index, settings = prose
     retriever = Retriever(index, settings=settings.rag.model_copy(update={"rerank_top_n": 4}))

@@ -43,7 +43,7 @@ there.  The reranker then lifts both sets above 1.05x the better side.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = ["Ranking", "dedupe", "minmax", "rrf", "weighted"]
 
@@ -107,11 +107,37 @@ def minmax(ranking: Ranking) -> dict[str, float]:
 
 
 def weighted(rankings: Sequence[Ranking], *,
-             weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
-    """Weighted sum of per-ranking min-max normalised scores (missing counts as 0)."""
+             weights: Sequence[float] | None = None,
+             groups: Mapping[str, str] | None = None) -> list[tuple[str, float]]:
+    """Weighted sum of per-ranking min-max normalised scores (missing counts as 0).
+
+    ``groups`` maps an item to the group it belongs to (a chunk to its document).
+    With it, each group's best item (by its own fused score) carries the group's
+    evidence: on every ranking, the best normalised score of any item in the group.
+    A document whose first chunk is the dense side's best and whose second chunk
+    is the keyword side's best then ranks as a document both sides put first,
+    instead of as two chunks each only one side knows.  The group's other items
+    keep their own score, which is never above the group's, so they rank on their
+    own merit below it.  Items missing from ``groups`` are groups of one.
+    """
     ws = _weights(len(rankings), weights)
+    sides = [minmax(ranking) for ranking in rankings]
     fused: dict[str, float] = {}
-    for ranking, w in zip(rankings, ws, strict=True):
-        for item_id, s in minmax(ranking).items():
+    for side, w in zip(sides, ws, strict=True):
+        for item_id, s in side.items():
             fused[item_id] = fused.get(item_id, 0.0) + w * s
+    if groups:
+        group_score: dict[str, float] = {}
+        for side, w in zip(sides, ws, strict=True):
+            best: dict[str, float] = {}
+            for item_id, s in side.items():
+                g = groups.get(item_id, item_id)
+                best[g] = max(best.get(g, 0.0), s)
+            for g, s in best.items():
+                group_score[g] = group_score.get(g, 0.0) + w * s
+        leaders: dict[str, str] = {}
+        for item_id, _ in _ordered(fused):
+            leaders.setdefault(groups.get(item_id, item_id), item_id)
+        for g, item_id in leaders.items():
+            fused[item_id] = group_score[g]
     return _ordered(fused)

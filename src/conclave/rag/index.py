@@ -575,6 +575,10 @@ class HybridIndex:
         mask = side.mask(filter, sources)
         return side.search(self._tokenizer(query), k, mask)
 
+    def keyword_scores(self, query: str, chunk_ids: Sequence[str]) -> list[float]:
+        """BM25 scores of particular chunks for ``query`` (0 for chunks that are not live)."""
+        return self._keyword.scores(self._tokenizer(query), chunk_ids)
+
     def keyword_max_score(self, query: str) -> float:
         """The highest BM25 score any chunk could reach for ``query`` (0 for no terms)."""
         return self._keyword.max_score(self._tokenizer(query))

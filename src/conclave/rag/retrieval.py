@@ -110,15 +110,17 @@ class Retriever:
             signals.setdefault(cid, {}).update(bm25_rank=rank, bm25_score=s)
 
         dense_ranking = [(c.id, s) for c, s in dense]
+        extra: dict[str, float] = {}
         if mode == "dense":
             fused = dense_ranking
         elif mode == "bm25":
             fused = keyword
+        elif fusion == "weighted":
+            w = extra["bm25_weight"] = self.keyword_weight(query, keyword, dense_ranking)
+            fused = weighted([dense_ranking, keyword], weights=[1.0, w],
+                             groups={cid: c.doc_id for cid, c in chunks.items()})
         else:
-            fused = self._fuse(query, dense_ranking, keyword, fusion)
-        extra: dict[str, float] = {}
-        if mode == "hybrid" and fusion == "weighted":
-            extra["bm25_weight"] = self.keyword_weight(query, keyword)
+            fused = rrf([dense_ranking, keyword], k=self.settings.rrf_k)
         hits = [Hit(chunk=chunks[cid], score=s,
                     signals={**signals.get(cid, {}), "fused_score": s, **extra})
                 for cid, s in fused if cid in chunks]
@@ -127,32 +129,40 @@ class Retriever:
             hits = head + hits[top_n:]
         return hits[:k]
 
-    def _fuse(self, query: str, dense: Sequence[tuple[str, float]],
-              keyword: Sequence[tuple[str, float]], fusion: str) -> list[tuple[str, float]]:
-        if fusion == "weighted":
-            w = self.keyword_weight(query, keyword)
-            return weighted([dense, keyword], weights=[1.0, w])
-        return rrf([dense, keyword], k=self.settings.rrf_k)
+    def keyword_weight(self, query: str, keyword: Sequence[tuple[str, float]],
+                       dense: Sequence[tuple[str, float]] = ()) -> float:
+        """How much the keyword side counts in weighted fusion, from two signals.
 
-    def keyword_weight(self, query: str, keyword: Sequence[tuple[str, float]]) -> float:
-        """How much the keyword side counts in weighted fusion, from its own confidence.
+        *Confidence*: the best BM25 score as a fraction of the most the query could
+        score (every term matched, saturated).  The weight ramps from 0 at
+        ``keyword_confidence_floor`` to 1 a ``keyword_confidence_span`` above it: a
+        question whose words a passage holds scores high and counts fully.
 
-        Confidence is the best BM25 score as a fraction of the most the query could
-        score (every term matched, saturated); the weight ramps from 0 at
-        ``keyword_confidence_floor`` to 1 a ``keyword_confidence_span`` above it.  A
-        paraphrased question matches one or two incidental words of some passage and
-        scores a small fraction of its maximum, so the keyword side stays out; a question
-        whose words the passage holds scores high and counts fully.
+        *Shared vocabulary*: the same fraction for the dense side's best chunk.  A
+        paraphrased question ("how many processors does this machine have") shares no
+        word with the passage that answers it (``os.cpu_count``), so when BM25 is
+        confident there it is confident about an incidental match
+        (``platform.processor``).  The weight is scaled by that fraction over
+        ``keyword_shared_floor`` (capped at 1): when what the dense side ranks first
+        holds none of the query's words, the keyword side stays out.  Measured in
+        :mod:`conclave.rag.fusion`.
         """
         if not keyword:
             return 0.0
         ceiling = self.index.keyword_max_score(query)
         if ceiling <= 0:
             return 0.0
-        confidence = keyword[0][1] / ceiling
         floor = self.settings.keyword_confidence_floor
         span = self.settings.keyword_confidence_span
-        return float(min(1.0, max(0.0, (confidence - floor) / span)))
+        weight = min(1.0, max(0.0, (keyword[0][1] / ceiling - floor) / span))
+        shared_floor = self.settings.keyword_shared_floor
+        if weight > 0 and dense and shared_floor > 0:
+            top = dense[0][0]
+            bm25 = dict(keyword).get(top)
+            if bm25 is None:  # not among the keyword candidates: score it alone
+                bm25 = self.index.keyword_scores(query, [top])[0]
+            weight *= min(1.0, bm25 / ceiling / shared_floor)
+        return float(weight)
 
 
 # --- multi-query ---------------------------------------------------------------------------

@@ -309,6 +309,14 @@ class KeywordSide:
                         key=lambda kv: (-kv[1], kv[0]))
         return ranked[:k]
 
+    def scores(self, query_tokens: Sequence[str], chunk_ids: Sequence[str]) -> list[float]:
+        """The BM25 score of each given chunk for the query (0 for unknown chunks)."""
+        ids = [self.vocab[t] for t in dict.fromkeys(query_tokens) if t in self.vocab]
+        if self._bm25 is None or not ids:
+            return [0.0] * len(chunk_ids)
+        everything = self._bm25.get_scores(ids)
+        return [float(everything[self._pos[c]]) if c in self._pos else 0.0 for c in chunk_ids]
+
     # -- persistence ---------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
