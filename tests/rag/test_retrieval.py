@@ -311,6 +311,30 @@ async def test_offline_reranker_reorders_the_top_and_records_scores(prose) -> No
     assert all("fused_score" in h.signals for h in ranked)
 
 
+async def test_reranking_keeps_the_keyword_sides_evidence(prose) -> None:
+    index, settings = prose
+    retriever = Retriever(index, settings=settings.rag.model_copy(update={"rerank_top_n": 6}))
+    query = "error E4071 licence file"
+    hits = await retriever.search(query, k=6, rerank=True)
+    w = hits[0].signals["bm25_weight"]
+    assert w > 0
+    rr = {h.chunk.id: h.signals["rerank_score"] for h in hits}
+    kw = {h.chunk.id: h.signals["bm25_score"] for h in hits if "bm25_score" in h.signals}
+    lo, hi = min(rr.values()), max(rr.values())
+    klo, khi = min(kw.values()), max(kw.values())
+    for h in hits:
+        k = (kw[h.chunk.id] - klo) / (khi - klo) if h.chunk.id in kw and khi > klo else (
+            1.0 if h.chunk.id in kw else 0.0)
+        assert h.score == pytest.approx((rr[h.chunk.id] - lo) / (hi - lo) + w * k)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert hits[0].chunk.doc_id == "licence"
+    # a paraphrase gives the keyword side no weight: the reranker's order stands
+    para = await retriever.search("when do certificates get replaced", k=6, rerank=True)
+    assert para[0].signals["bm25_weight"] == 0.0
+    assert [h.signals["rerank_score"] for h in para] == sorted(
+        (h.signals["rerank_score"] for h in para), reverse=True)
+
+
 def test_passage_windows_cover_the_text() -> None:
     text = " ".join(f"Sentence number {i} says something." for i in range(40))
     windows = passage_windows(text, max_words=20)

@@ -101,14 +101,20 @@ class OfflineReranker:
     Whole-chunk and window vectors go through the embedder's cache, so a passage
     costs a forward pass only the first time; token vectors are computed per call.
 
-    Measured on the top 30 of the default hybrid list (``bench/rag_fusion_rerank.py``),
-    nDCG@10: manpages 0.8987 -> 0.9225, pydoc-paraphrase 0.4576 -> 0.4932.  Each
-    feature alone helps less (offline, same candidates: window only 0.9019 / 0.4922,
-    MaxSim only 0.8737 / 0.4364, whole + window 0.9061 / 0.4796, whole + MaxSim
-    0.9046 / 0.5012).  Cost: about one MiniLM forward pass over the candidates
-    (MaxSim) plus the windows of passages not seen before; on 2 cores shared with
-    other work (load 8) that was 4-8 s for 30 candidates, so ``rerank_top_n`` is
-    the knob to turn when latency matters more than the last few points.
+    Measured on the top 30 of the default hybrid list, one chunk per document
+    (``bench/rag_fusion_rerank.py``, first session), nDCG@10: manpages 0.8987 ->
+    0.9225, pydoc-paraphrase 0.4576 -> 0.4932.  Each feature alone helps less
+    (offline, same candidates: window only 0.9019 / 0.4922, MaxSim only 0.8737 /
+    0.4364, whole + window 0.9061 / 0.4796, whole + MaxSim 0.9046 / 0.5012).  With
+    the CLI's chunking and the reranker's order alone the gain is smaller on the
+    paraphrase set (0.4696 -> 0.4709) and negative on the code set (0.7755 ->
+    0.7604), because the features are all MiniLM's and drop what BM25 knew; the
+    retriever therefore adds the keyword side's evidence back (see
+    :mod:`conclave.rag.fusion` for the table).  Cost: about one MiniLM forward pass
+    over the candidates (MaxSim) plus the windows of passages not seen before; on 2
+    cores shared with other work (load 8) that was 4-8 s for 30 candidates, so
+    ``rerank_top_n`` is the knob to turn when latency matters more than the last
+    few points.
     """
 
     def __init__(self, local: LocalEmbedder, *, embedder: Any = None, window_words: int = 48
