@@ -182,3 +182,46 @@ async def test_local_chat_is_a_ledger_record(llama_server, tmp_path):
     assert rec.request_model == "tier-0" and rec.tier == 0 and rec.cost_micros == 0
     assert (rec.input_tokens, rec.output_tokens) == (usage["input_tokens"],
                                                       usage["output_tokens"])
+
+
+async def test_sigterm_mid_stream_still_records_the_call(tmp_path):
+    """A supervisor's SIGTERM cancels the command: the cut call is recorded, nothing stays
+    reserved, and the exit is a one-line message with status 143."""
+    import signal
+
+    from tests.cli.test_cli_errors import CONCLAVE, cli_env
+    from tests.support.wire_server import Piece, sse_event
+
+    def stalls(req: RecordedRequest) -> ScriptedResponse:
+        first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "Par"}, "finish_reason": None}]}
+        # the first token, then nothing for a minute
+        return ScriptedResponse.sse([Piece(sse_event(first)), Piece(sse_event("[DONE]"), 60)])
+
+    async with WireServer(handler=stalls) as server:
+        env = priced_env(tmp_path, f"{server.url}/v1")
+        r = await cli(tmp_path, "budget", "set", "--limit", "5", "--period", "monthly",
+                      "--json", **env)
+        monthly = json.loads(r.stdout)["id"]
+        proc = await asyncio.create_subprocess_exec(
+            CONCLAVE, "chat", "What is the capital of France?", "--model", MODEL, "--stream",
+            env=cli_env(tmp_path, **env), stdin=subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.read(3), timeout=60)
+        assert first == b"Par"  # the command is mid-stream
+        proc.send_signal(signal.SIGTERM)
+        _, errs = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode == 143, errs
+        assert errs.decode().strip() == "error: terminated"
+
+    acc = await open_accounting(load_settings(data_dir=tmp_path / "data"))
+    try:
+        records: list[Any] = await acc.ledger.list_records(LedgerQuery())
+    finally:
+        await acc.aclose()
+    (rec,) = records
+    assert rec.operation == "chat" and rec.outcome.value in ("cancelled", "cut")
+    assert rec.response_model == MODEL
+    usage = json.loads((await cli(tmp_path, "budget", "show", monthly, "--json", **env)).stdout)
+    assert usage["reserved_usd"] == "0"

@@ -8,6 +8,7 @@ import asyncio
 import functools
 import json
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -44,6 +45,10 @@ def _validation_message(exc: ValidationError) -> str:
     return f"{where}: {msg}" if where else msg
 
 
+class Terminated(Exception):
+    """The command was stopped by SIGTERM (after its clean-up ran)."""
+
+
 def cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
     """Turn project errors into a one-line message and exit code 1."""
 
@@ -57,13 +62,49 @@ def cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
             fail(_validation_message(exc))
         except KeyboardInterrupt:
             fail("interrupted", code=130)
+        except Terminated:
+            fail("terminated", code=143)
         raise AssertionError("unreachable")
 
     return wrapper
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run a command's coroutine; SIGTERM stops it the way Ctrl-C does.
+
+    Python's default for SIGTERM kills the process on the spot, so a command stopped by a
+    supervisor (``timeout``, systemd, ``docker stop``) would lose the ledger records of
+    the calls it made and leave their budget reservations held.  Here SIGTERM cancels the
+    command instead: the gateway records the cancelled call, the accounting drains, and
+    the process exits with 143.  A second SIGTERM during that clean-up is ignored
+    (SIGKILL still stops it).
+    """
+
+    async def main() -> T:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        stopping = False
+
+        def on_sigterm() -> None:
+            nonlocal stopping
+            if not stopping and task is not None:
+                stopping = True
+                task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        except (NotImplementedError, RuntimeError, ValueError):  # no signals here
+            return await coro
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if stopping:
+                raise Terminated from None
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return asyncio.run(main())
 
 
 def print_json(data: Any) -> None:
