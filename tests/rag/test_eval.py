@@ -125,6 +125,10 @@ def test_bm25_metrics_equal_the_hand_computed_values(beir: Path, tmp_path: Path)
             assert 0.0 <= r[key] <= 1.0
     # dense finds the aardvark document for q1 too: it is a real embedding, not noise
     assert results["dense"]["mrr@10"] > 1 / 3
+    best = max(results["bm25"]["ndcg@10"], results["dense"]["ndcg@10"])
+    for r in results.values():
+        assert r["vs_best_side"] == pytest.approx(r["ndcg@10"] / best, abs=1e-4)
+    assert max(results["bm25"]["vs_best_side"], results["dense"]["vs_best_side"]) == 1.0
 
     # the long record was chunked, the short ones were not; a second run re-embeds nothing
     from conclave.rag.eval import eval_index_name
@@ -167,9 +171,16 @@ def test_eval_cli_json_is_keyed_by_stage(beir: Path, tmp_path: Path):
     assert set(data["bm25"]) >= {"ndcg@10", "recall@10", "mrr@10"}
     assert data["bm25"]["ndcg@10"] == pytest.approx(NDCG, abs=1e-4)
 
+    assert data["dense"]["vs_best_side"] == pytest.approx(
+        data["dense"]["ndcg@10"] / max(data["bm25"]["ndcg@10"], data["dense"]["ndcg@10"]),
+        abs=1e-4)
+
     r = invoke("eval", "retrieval", "--dataset", str(beir), "--stages", "bm25", "--k", "1")
     assert r.exit_code == 0, r.stderr
-    assert "nDCG@1" in r.stdout and "bm25" in r.stdout
+    assert "nDCG@1" in r.stdout and "bm25" in r.stdout and "vs best side" not in r.stdout
+    r = invoke("eval", "retrieval", "--dataset", str(beir), "--stages", "bm25,dense,hybrid")
+    assert r.exit_code == 0, r.stderr
+    assert "vs best side" in r.stdout and "1.000x" in r.stdout
 
     r = invoke("eval", "retrieval", "--dataset", str(beir), "--stages", "bm25,colbert")
     assert r.exit_code == 1 and "unknown stage 'colbert'" in r.stderr

@@ -327,10 +327,14 @@ def eval_retrieval(
 
     table = Table(title=f"{data.folder.name}: {len(data.documents)} documents, "
                   f"{len(data.queries)} queries")
-    for col in ("stage", f"nDCG@{k}", f"Recall@{k}", f"MRR@{k}", "seconds"):
+    relative = all("vs_best_side" in r for r in results.values())
+    columns = ["stage", f"nDCG@{k}", *(["vs best side"] if relative else []),
+               f"Recall@{k}", f"MRR@{k}", "seconds"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, r in results.items():
-        table.add_row(stage, f"{r[f'ndcg@{k}']:.4f}", f"{r[f'recall@{k}']:.4f}",
+        ratio = [f"{r['vs_best_side']:.3f}x"] if relative else []
+        table.add_row(stage, f"{r[f'ndcg@{k}']:.4f}", *ratio, f"{r[f'recall@{k}']:.4f}",
                       f"{r[f'mrr@{k}']:.4f}", f"{r['seconds']:.1f}")
     out.print(table)
 

@@ -61,6 +61,7 @@ __all__ = [
     "load_beir",
     "run_eval",
     "run_stage",
+    "versus_best_side",
 ]
 
 STAGES = ("bm25", "dense", "hybrid", "hybrid+rerank", "hybrid+multiquery")
@@ -250,6 +251,24 @@ def _searcher(stage: str, retriever: Retriever, multi: MultiQuery | None,
     return lambda q: retriever.search(q, k=depth, mode=mode)
 
 
+def versus_best_side(results: dict[str, dict[str, float]], k: int = 10
+                     ) -> dict[str, dict[str, float]]:
+    """Add ``vs_best_side`` to every stage: its nDCG over the better of bm25 and dense.
+
+    Only when both single sides ran (and one scored above 0).  A hybrid stage below
+    1.0 is worse than simply using the better side on this corpus.
+    """
+    key = f"ndcg@{k}"
+    if "bm25" not in results or "dense" not in results:
+        return results
+    best = max(results["bm25"][key], results["dense"][key])
+    if best <= 0:
+        return results
+    for r in results.values():
+        r["vs_best_side"] = round(r[key] / best, 4)
+    return results
+
+
 def check_stages(stages: Sequence[str], k: int) -> None:
     """Refuse an empty or unknown stage list or a cut-off below 1, before any work."""
     unknown = [s for s in stages if s not in STAGES]
@@ -308,7 +327,7 @@ async def run_eval(settings: Settings, dataset: BeirDataset, *,
             results[stage] = await run_stage(
                 stage, dataset, _searcher(stage, retriever, multi, depth), k=k,
                 concurrency=concurrency, progress=progress)
-        return results
+        return versus_best_side(results, k)
     finally:
         try:
             await index.aclose()
