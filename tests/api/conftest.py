@@ -44,6 +44,13 @@ PROMPT_TOKENS, COMPLETION_TOKENS = 10, 20
 PRICE_IN, PRICE_OUT = 1000, 2000
 CALL_MICROS = PROMPT_TOKENS * PRICE_IN + COMPLETION_TOKENS * PRICE_OUT
 MODEL = "up/model"
+#: an embedding model of the same upstream: each input counts 4 tokens at $500 per million
+EMBED_MODEL, EMBED_TOKENS, EMBED_PRICE = "up/embed", 4, 500
+
+
+def embedding_of(text: str) -> list[float]:
+    """The upstream's vector for ``text``: exact in float32, so base64 round-trips."""
+    return [float(len(text)), 0.5, -2.0, float(ord(text[0]) if text else 0)]
 
 
 def free_port() -> int:
@@ -66,6 +73,14 @@ class Upstream:
 
     def respond(self, req: RecordedRequest) -> ScriptedResponse:
         body = req.json or {}
+        if req.path.endswith("/embeddings"):
+            texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            return ScriptedResponse.json({
+                "object": "list", "model": "e",
+                "data": [{"object": "embedding", "index": i, "embedding": embedding_of(t)}
+                         for i, t in enumerate(texts)],
+                "usage": {"prompt_tokens": EMBED_TOKENS * len(texts),
+                          "total_tokens": EMBED_TOKENS * len(texts)}})
         if body.get("stream"):
             events = [Piece(sse_event({
                 "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
@@ -106,7 +121,10 @@ def catalog_file(tmp: Path, upstream_url: str) -> Path:
         "providers:\n  up:\n    type: openai\n"
         f"    base_url: {upstream_url}\n    api_key_env: UP_API_KEY\n"
         f"models:\n  - name: {MODEL}\n    provider: up\n    id: m\n    tier: 1\n"
-        f"    max_output_tokens: 100\n    price: {{input: {PRICE_IN}, output: {PRICE_OUT}}}\n")
+        f"    max_output_tokens: 100\n    price: {{input: {PRICE_IN}, output: {PRICE_OUT}}}\n"
+        f"  - name: {EMBED_MODEL}\n    provider: up\n    id: e\n    tier: 1\n"
+        f"    kind: embedding\n"
+        f"    price: {{input: {EMBED_PRICE}, output: 0}}\n")
     return path
 
 

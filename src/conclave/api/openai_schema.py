@@ -7,6 +7,7 @@ asked per request with the ``X-Conclave-Privacy: 1`` header.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -16,6 +17,8 @@ from conclave.errors import InvalidRequest
 from conclave.llm.types import (
     ChatRequest,
     ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
     Message,
     ResponseFormat,
     Role,
@@ -228,3 +231,58 @@ def error_body(message: str, code: str, status: int) -> dict[str, Any]:
             403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
                 status, "api_error")
     return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+
+
+# --- embeddings -------------------------------------------------------------------------
+
+
+def embed_request(body: dict[str, Any], *, privacy: bool | None = None) -> EmbedRequest:
+    """``POST /v1/embeddings``: text inputs for one named embedding model.
+
+    Token-id inputs and ``dimensions`` are refused with a clear error rather than
+    ignored: Conclave has no tokenizer of the remote model to decode ids with, and
+    quietly returning full-size vectors to a client that asked for fewer would
+    corrupt its index.
+    """
+    route = _route(body.get("model"))
+    if "tier" in route:
+        raise InvalidRequest("embeddings need a named embedding model, not a tier",
+                             hint="GET /v1/models lists the models of kind embedding")
+    raw = body.get("input")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidRequest("`input` must be a string or a non-empty list of strings")
+    for i, item in enumerate(inputs):
+        if not isinstance(item, str):
+            raise InvalidRequest(f"input[{i}] is not a string: token-id inputs are not "
+                                 "supported", hint="send the text itself")
+        if not item.strip():
+            raise InvalidRequest(f"input[{i}] is empty", hint="every input needs some text")
+    if body.get("dimensions") is not None:
+        raise InvalidRequest("`dimensions` is not supported: vectors come at the model's "
+                             "own size", hint="leave `dimensions` out")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest(f"encoding_format {fmt!r} is not float or base64")
+    metadata = {"user": str(body["user"])} if body.get("user") else {}
+    return EmbedRequest(model=route["model"], inputs=inputs, privacy=privacy,
+                        metadata=metadata)
+
+
+def embed_response(resp: EmbedResponse, encoding_format: str = "float") -> dict[str, Any]:
+    """OpenAI's list of embeddings; ``base64`` packs little-endian float32 as OpenAI does."""
+    import numpy as np
+
+    def encode(vector: list[float]) -> Any:
+        if encoding_format == "base64":
+            return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        return vector
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                 for i, v in enumerate(resp.vectors)],
+        "model": resp.model,
+        "usage": {"prompt_tokens": resp.usage.input_tokens,
+                  "total_tokens": resp.usage.input_tokens},
+    }

@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+"""OpenAI-compatible endpoints: chat and text completions, embeddings, the model list.
 
 The hot path reads the body with orjson and builds Conclave types directly
 (no FastAPI body model), since every microsecond here is added latency.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -23,10 +23,11 @@ from conclave.api import openai_schema as oa
 from conclave.api.auth import Caller, authenticate
 from conclave.api.state import AppState
 from conclave.errors import ConclaveError, InvalidRequest
-from conclave.gateway import GatewayStream, input_token_bound
-from conclave.llm.types import ChatRequest, ChatResponse
+from conclave.gateway import GatewayStream, embed_token_bound, input_token_bound
+from conclave.llm.types import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse
 
 router = APIRouter()
+Req = TypeVar("Req", ChatRequest, EmbedRequest)
 
 
 def _state(request: Request) -> AppState:
@@ -56,7 +57,7 @@ def _privacy(request: Request) -> bool | None:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _label(req: ChatRequest, caller: Caller, request: Request, route: str) -> ChatRequest:
+def _label(req: Req, caller: Caller, request: Request, route: str) -> Req:
     meta = dict(req.metadata)
     meta["route"] = route
     # The call id is always ours: a client reusing X-Request-ID must not be able to make
@@ -76,8 +77,9 @@ def _label(req: ChatRequest, caller: Caller, request: Request, route: str) -> Ch
     return req.model_copy(update={"metadata": meta})
 
 
-async def _admit(state: AppState, caller: Caller, route: str, req: ChatRequest
+async def _admit(state: AppState, caller: Caller, route: str, tokens: int
                  ) -> RateLimitResult | None:
+    """Take the caller's per-key rate limits for one call of at most ``tokens`` tokens."""
     api = state.settings.api
     key = caller.key
     rule = RateLimitRule(
@@ -88,7 +90,6 @@ async def _admit(state: AppState, caller: Caller, route: str, req: ChatRequest
     )
     if rule.requests_per_minute is None and rule.tokens_per_minute is None:
         return None
-    tokens = input_token_bound(req) + (req.max_tokens or state.settings.default_max_tokens)
     result = await state.accounting.ratelimiter.acquire(
         rate_key(caller.key_id, route), rule,
         tokens=tokens if rule.tokens_per_minute is not None else 0)
@@ -99,7 +100,7 @@ async def _admit(state: AppState, caller: Caller, route: str, req: ChatRequest
 
 
 async def _settle_tokens(state: AppState, admitted: RateLimitResult | None,
-                         resp: ChatResponse | None) -> None:
+                         resp: ChatResponse | EmbedResponse | None) -> None:
     if admitted is not None and admitted.reserved_tokens:
         with anyio.CancelScope(shield=True):
             actual = resp.usage.total_tokens if resp is not None else 0
@@ -114,7 +115,8 @@ async def _serve(request: Request, route: str,
     caller = await authenticate(request, state)
     body = await _body(request)
     req = _label(parse(body, privacy=_privacy(request)), caller, request, route)
-    admitted = await _admit(state, caller, route, req)
+    tokens = input_token_bound(req) + (req.max_tokens or state.settings.default_max_tokens)
+    admitted = await _admit(state, caller, route, tokens)
     headers = admitted.headers() if admitted is not None else {}
     rid = req.metadata["request_id"]
     if body.get("stream"):
@@ -209,10 +211,33 @@ async def completions(request: Request) -> Response:
                         oa.completion_response, _completion_events)
 
 
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    """Vectors from a catalog embedding model, accounted like a chat call."""
+    state = _state(request)
+    caller = await authenticate(request, state)
+    body = await _body(request)
+    route = "/v1/embeddings"
+    req = _label(oa.embed_request(body, privacy=_privacy(request)), caller, request, route)
+    admitted = await _admit(state, caller, route, embed_token_bound(req))
+    headers = admitted.headers() if admitted is not None else {}
+    resp: EmbedResponse | None = None
+    try:
+        resp = await state.gateway.embed(req)
+    finally:
+        await _settle_tokens(state, admitted, resp)
+    state.metrics.observe_call(resp, "success")
+    request.state.log_extra = {"model": resp.model, "input_tokens": resp.usage.input_tokens,
+                               "inputs": len(req.inputs), "cost_usd": resp.cost_usd}
+    return json_response(oa.embed_response(resp, body.get("encoding_format") or "float"),
+                         headers=headers)
+
+
 #: POST endpoints that take only the raw request: app.HotRoutes serves them directly
 HOT_ROUTES: dict[str, Callable[[Request], Awaitable[Response]]] = {
     "/v1/chat/completions": chat_completions,
     "/v1/completions": completions,
+    "/v1/embeddings": embeddings,
 }
 
 

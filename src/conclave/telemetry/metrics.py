@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from conclave.llm.types import ChatResponse
+from conclave.llm.types import ChatResponse, EmbedResponse
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                     30, 60, 120)
@@ -68,7 +68,7 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_call(self, resp: ChatResponse, outcome: str) -> None:
+    def observe_call(self, resp: ChatResponse | EmbedResponse, outcome: str) -> None:
         key = (resp.model, resp.provider, outcome)
         calls = self._calls.get(key)
         if calls is None:
@@ -86,8 +86,9 @@ class Metrics:
         if resp.cost_usd:
             cost.inc(resp.cost_usd)
         latency.observe(resp.latency_ms / 1000)
-        if resp.ttft_ms is not None:
-            ttft.observe(resp.ttft_ms / 1000)
+        first_token = getattr(resp, "ttft_ms", None)  # embeddings have no first token
+        if first_token is not None:
+            ttft.observe(first_token / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
