@@ -72,3 +72,14 @@ def test_bad_config_file_is_a_clear_error(tmp_path):
     r = conclave(tmp_path, "models", CONCLAVE_CONFIG=str(bad))
     assert r.returncode != 0
     assert "routing.max_retries" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_with_a_broken_catalog_is_one_clear_line(tmp_path):
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text("providers:\n  up:\n    type: openai\n    base_url: http://127.0.0.1:1\n"
+                       "models:\n  - name: up/x\n    provider: up\n    id: x\n")
+    r = conclave(tmp_path, "serve", "--port", "1", CONCLAVE_CATALOG_FILE=str(catalog))
+    assert r.returncode == 1
+    assert "invalid model catalog" in r.stderr and "tier" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -66,6 +66,9 @@ def serve(
     from conclave.api.app import configure_logging
 
     settings: Settings = load_settings()
+    # Read the catalog here, where a mistake in it is a one-line error, rather than in the
+    # server's start-up, where uvicorn would print it as a traceback.
+    _ = settings.catalog
     api = settings.api
     configure_logging(log_level)
     uvicorn.run(
