@@ -107,6 +107,22 @@ async def _settle_tokens(state: AppState, admitted: RateLimitResult | None,
             await state.accounting.ratelimiter.adjust(admitted, actual)
 
 
+Resp = TypeVar("Resp", ChatResponse, EmbedResponse)
+
+
+async def _settled(state: AppState, admitted: RateLimitResult | None,
+                   call: Awaitable[Resp]) -> Resp:
+    """Await a non-streamed gateway call; the rate-limit tokens it did not use go back
+    however it ends, and a success is counted in the metrics."""
+    resp: Resp | None = None
+    try:
+        resp = await call
+    finally:
+        await _settle_tokens(state, admitted, resp)
+    state.metrics.observe_call(resp, "success")
+    return resp
+
+
 async def _serve(request: Request, route: str,
                  parse: Callable[..., ChatRequest],
                  render: Callable[[ChatResponse, str], dict[str, Any]],
@@ -131,12 +147,7 @@ async def _serve(request: Request, route: str,
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    resp: ChatResponse | None = None
-    try:
-        resp = await state.gateway.complete(req)
-    finally:
-        await _settle_tokens(state, admitted, resp)
-    state.metrics.observe_call(resp, "success")
+    resp = await _settled(state, admitted, state.gateway.complete(req))
     request.state.log_extra = {"model": resp.model, "input_tokens": resp.usage.input_tokens,
                                "output_tokens": resp.usage.output_tokens,
                                "cost_usd": resp.cost_usd}
@@ -221,12 +232,7 @@ async def embeddings(request: Request) -> Response:
     req = _label(oa.embed_request(body, privacy=_privacy(request)), caller, request, route)
     admitted = await _admit(state, caller, route, embed_token_bound(req))
     headers = admitted.headers() if admitted is not None else {}
-    resp: EmbedResponse | None = None
-    try:
-        resp = await state.gateway.embed(req)
-    finally:
-        await _settle_tokens(state, admitted, resp)
-    state.metrics.observe_call(resp, "success")
+    resp = await _settled(state, admitted, state.gateway.embed(req))
     request.state.log_extra = {"model": resp.model, "input_tokens": resp.usage.input_tokens,
                                "inputs": len(req.inputs), "cost_usd": resp.cost_usd}
     return json_response(oa.embed_response(resp, body.get("encoding_format") or "float"),

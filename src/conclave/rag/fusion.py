@@ -77,7 +77,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["Ranking", "dedupe", "minmax", "rrf", "weighted"]
+__all__ = ["Ranking", "best_per_group", "dedupe", "minmax", "rrf", "weighted"]
 
 Ranking = Sequence[tuple[str, float]]
 
@@ -138,6 +138,16 @@ def minmax(ranking: Ranking) -> dict[str, float]:
     return out
 
 
+def best_per_group(scores: Mapping[str, float], groups: Mapping[str, str]
+                   ) -> dict[str, float]:
+    """The best score of each group's items (an item missing from ``groups`` is its own)."""
+    best: dict[str, float] = {}
+    for item_id, s in scores.items():
+        g = groups.get(item_id, item_id)
+        best[g] = max(best.get(g, 0.0), s)
+    return best
+
+
 def weighted(rankings: Sequence[Ranking], *,
              weights: Sequence[float] | None = None,
              groups: Mapping[str, str] | None = None) -> list[tuple[str, float]]:
@@ -161,11 +171,7 @@ def weighted(rankings: Sequence[Ranking], *,
     if groups:
         group_score: dict[str, float] = {}
         for side, w in zip(sides, ws, strict=True):
-            best: dict[str, float] = {}
-            for item_id, s in side.items():
-                g = groups.get(item_id, item_id)
-                best[g] = max(best.get(g, 0.0), s)
-            for g, s in best.items():
+            for g, s in best_per_group(side, groups).items():
                 group_score[g] = group_score.get(g, 0.0) + w * s
         leaders: dict[str, str] = {}
         for item_id, _ in _ordered(fused):

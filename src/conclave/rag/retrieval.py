@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from conclave.errors import InvalidRequest
-from conclave.rag.fusion import minmax, rrf, weighted
+from conclave.rag.fusion import best_per_group, minmax, rrf, weighted
 from conclave.rag.types import Chunk, Filter, Hit
 
 if TYPE_CHECKING:
@@ -186,11 +186,7 @@ def _keep_keyword_evidence(head: list[Hit], keyword: Sequence[tuple[str, float]]
     plus ``weight`` times that.  With weight 0 (a paraphrased question) the
     reranker's order stands.  Measured in :mod:`conclave.rag.fusion`.
     """
-    keyword_norm = minmax(keyword)
-    doc_best: dict[str, float] = {}
-    for cid, s in keyword_norm.items():
-        doc = groups.get(cid, cid)
-        doc_best[doc] = max(doc_best.get(doc, 0.0), s)
+    doc_best = best_per_group(minmax(keyword), groups)
     reranked = minmax([(h.chunk.id, h.signals.get("rerank_score", h.score)) for h in head])
     scored = [(reranked.get(h.chunk.id, 0.0) + weight * doc_best.get(h.chunk.doc_id, 0.0), i)
               for i, h in enumerate(head)]
